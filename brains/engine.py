@@ -1,0 +1,363 @@
+"""One engine per process: owns the model and runs every forward pass on its own thread.
+
+Sessions submit `GenerationRequest`s from the event loop and read tokens from a `TokenStream`. The
+engine thread loops: take commands (submit, cancel), admit waiting sequences into KV-cache slots
+(reusing the longest cached prefix), ask the pure scheduler for a plan, run that plan's prefill chunks
+and one batched decode over every chosen sequence of every session, and hand the new tokens back to
+the loop with `call_soon_threadsafe` (moshi-server's compute thread; vLLM's EngineCore).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+from brains.scheduler import Brain, SchedulerConfig, SeqView, StepPlan, schedule
+from realtime.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class Backend(Protocol):
+    """What the engine needs from a model: a batched forward over a slot cache."""
+
+    max_len: int
+    slots: int
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                kv_len: int) -> torch.Tensor: ...
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: Sequence[int]
+    max_new_tokens: int
+    brain: Brain = "ab"
+    session_id: str = ""
+    stop_ids: frozenset[int] = frozenset()
+    temperature: float = 0.0
+    # Read from the engine thread each step; AB requests report their audio ahead of playback.
+    audio_ahead_ms: Callable[[], float] | None = None
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    error: str = ""
+
+
+class TokenStream:
+    """The loop side of one sequence: an async iterator of token ids, then `finish` is set."""
+
+    def __init__(self, engine: Engine, seq_id: int) -> None:
+        self._engine = engine
+        self.seq_id = seq_id
+        self._queue: asyncio.Queue[list[int] | Finished] = asyncio.Queue()
+        self.finish: Finished | None = None
+        self.reused_prefix = 0
+
+    def _deliver(self, item: list[int] | Finished) -> None:
+        self._queue.put_nowait(item)
+
+    def cancel(self) -> None:
+        if self.finish is None:
+            self._engine.cancel(self.seq_id)
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> list[int]:
+        """Tokens arrive in batches (all that one engine step made for this sequence)."""
+        if self.finish is not None:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, Finished):
+            self.finish = item
+            if item.reason == "error":
+                raise EngineError(item.error)
+            raise StopAsyncIteration
+        return item
+
+
+@dataclass
+class _Seq:
+    seq_id: int
+    req: GenerationRequest
+    stream: TokenStream
+    loop: asyncio.AbstractEventLoop
+    tokens: list[int]
+    arrival: int
+    slot: int = -1
+    kv_len: int = 0
+    generated: int = 0
+    last_step: int = -1
+    pending_out: list[int] = field(default_factory=list)
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    decode_tokens: int = 0
+    prefill_tokens: int = 0
+    prefill_tokens_saved: int = 0
+    max_batch: int = 0
+    busy_seconds: float = 0.0
+
+
+class SlotPool:
+    """KV slots: live ones belong to a sequence; finished ones stay cached (LRU) for prefix reuse."""
+
+    def __init__(self, n: int) -> None:
+        self.free: list[int] = list(range(n))
+        self.cached: OrderedDict[int, list[int]] = OrderedDict()  # slot -> tokens with KV computed
+
+    def available(self) -> bool:
+        return bool(self.free or self.cached)
+
+    def take(self) -> int:
+        if self.free:
+            return self.free.pop()
+        slot, _ = self.cached.popitem(last=False)
+        return slot
+
+    def release(self, slot: int, tokens: list[int]) -> None:
+        if tokens:
+            self.cached[slot] = tokens
+        else:
+            self.free.append(slot)
+
+    def claim_cached(self, slot: int) -> None:
+        self.cached.pop(slot, None)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Engine:
+    def __init__(self, backend: Backend, scheduler: SchedulerConfig, eos_ids: frozenset[int] = frozenset()):
+        self.backend = backend
+        self.cfg = scheduler
+        self.eos_ids = eos_ids
+        self.stats = EngineStats()
+        self._commands: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._ids = itertools.count(1)
+        self._arrivals = itertools.count()
+        self._waiting: list[_Seq] = []
+        self._live: dict[int, _Seq] = {}
+        self._pool = SlotPool(backend.slots)
+        self._thread: threading.Thread | None = None
+        self._step = 0
+        self._closed = False
+
+    # ---- loop side ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="duet-engine", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed = True
+        self._commands.put(("stop", None))
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def submit(self, req: GenerationRequest) -> TokenStream:
+        if not req.prompt:
+            raise ValueError("empty prompt")
+        if len(req.prompt) >= self.backend.max_len:
+            raise ValueError(f"prompt of {len(req.prompt)} tokens exceeds the {self.backend.max_len}-token cache")
+        if self._closed:
+            raise EngineError("engine is closed")
+        seq_id = next(self._ids)
+        stream = TokenStream(self, seq_id)
+        seq = _Seq(seq_id, req, stream, asyncio.get_running_loop(), list(req.prompt), next(self._arrivals))
+        self._commands.put(("submit", seq))
+        return stream
+
+    def cancel(self, seq_id: int) -> None:
+        self._commands.put(("cancel", seq_id))
+
+    def live_sequences(self) -> int:
+        return len(self._live) + len(self._waiting)
+
+    # ---- engine thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            idle = not self._live and not self._waiting
+            if not self._drain(block=idle):
+                break
+            self._admit()
+            if not self._live:
+                continue
+            t0 = time.perf_counter()
+            try:
+                self._execute(self._plan())
+            except Exception as exc:  # a model failure fails the requests, never the process
+                log.exception("engine step failed")
+                for seq in list(self._live.values()):
+                    self._finish(seq, Finished("error", f"{type(exc).__name__}: {exc}"))
+            self.stats.busy_seconds += time.perf_counter() - t0
+            self._flush_outputs()
+
+    def _drain(self, block: bool) -> bool:
+        try:
+            cmd, arg = self._commands.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            if cmd == "stop":
+                for seq in [*self._live.values(), *self._waiting]:
+                    self._finish(seq, Finished("cancelled"))
+                self._flush_outputs()
+                return False
+            if cmd == "submit":
+                assert isinstance(arg, _Seq)
+                self._waiting.append(arg)
+            elif cmd == "cancel":
+                self._cancel(arg)  # type: ignore[arg-type]
+            try:
+                cmd, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _cancel(self, seq_id: int) -> None:
+        for seq in self._waiting:
+            if seq.seq_id == seq_id:
+                self._waiting.remove(seq)
+                self._deliver(seq, Finished("cancelled"))
+                return
+        seq = self._live.get(seq_id)
+        if seq is not None:
+            self._finish(seq, Finished("cancelled"))
+            self._flush_outputs()
+
+    def _admit(self) -> None:
+        while self._waiting and self._pool.available():
+            seq = self._waiting.pop(0)
+            src, n = self._best_prefix(seq.tokens)
+            if n > 0 and src in self._pool.cached:
+                # A finished sequence's slot: take it over in place; positions past n get overwritten.
+                self._pool.claim_cached(src)
+                slot = src
+            else:
+                slot = self._pool.take()
+                if n > 0:  # the source is live: copy its computed prefix into our slot
+                    self.backend.copy_prefix(src, slot, n)
+            seq.slot, seq.kv_len = slot, n
+            seq.stream.reused_prefix = n
+            self.stats.prefill_tokens_saved += n
+            self._live[seq.seq_id] = seq
+
+    def _best_prefix(self, tokens: list[int]) -> tuple[int, int]:
+        """The slot sharing the longest computed prefix with `tokens` (at least one token left to run)."""
+        best, best_n = -1, 0
+        limit = len(tokens) - 1
+        candidates = [(s.slot, s.tokens[: s.kv_len]) for s in self._live.values()]
+        candidates += list(self._pool.cached.items())
+        for slot, cached in candidates:
+            n = min(common_prefix(cached, tokens), limit)
+            if n > best_n:
+                best, best_n = slot, n
+        return best, best_n
+
+    def _plan(self) -> StepPlan:
+        views = []
+        for seq in self._live.values():
+            ahead = seq.req.audio_ahead_ms() if seq.req.audio_ahead_ms is not None else 0.0
+            # Prefill computes every prompt token but the last; the decode step consumes that one.
+            views.append(SeqView(seq.seq_id, seq.req.session_id, seq.req.brain, len(seq.tokens) - 1 - seq.kv_len,
+                                 ahead, seq.last_step, seq.arrival))
+        return schedule(views, self.cfg)
+
+    def _execute(self, plan: StepPlan) -> None:
+        self._step += 1
+        self.stats.steps += 1
+        for seq_id, n in plan.prefill:
+            seq = self._live[seq_id]
+            chunk = seq.tokens[seq.kv_len: seq.kv_len + n]
+            self._forward([seq], [chunk], prefill=True)
+            seq.kv_len += len(chunk)
+            seq.last_step = self._step
+            self.stats.prefill_tokens += len(chunk)
+        decode = list(plan.decode)
+        # A prompt whose prefill just completed decodes in the same step: its first token comes a step
+        # sooner, and it shares the batched forward rather than costing one of its own.
+        decode += [i for i, _ in plan.prefill if self._live[i].kv_len == len(self._live[i].tokens) - 1]
+        if decode:
+            seqs = [self._live[i] for i in decode]
+            logits = self._forward(seqs, [[s.tokens[s.kv_len]] for s in seqs], prefill=False)
+            self.stats.decode_tokens += len(seqs)
+            self.stats.max_batch = max(self.stats.max_batch, len(seqs))
+            for row, seq in enumerate(seqs):
+                seq.kv_len += 1
+                seq.last_step = self._step
+                self._accept(seq, self._sample(logits[row], seq.req.temperature))
+
+    def _forward(self, seqs: list[_Seq], chunks: list[list[int]], prefill: bool) -> torch.Tensor:
+        width = max(len(c) for c in chunks)
+        tokens = torch.zeros((len(seqs), width), dtype=torch.long)
+        positions = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, (seq, chunk) in enumerate(zip(seqs, chunks, strict=True)):
+            tokens[row, : len(chunk)] = torch.tensor(chunk)
+            positions[row] = torch.arange(seq.kv_len, seq.kv_len + width)
+        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long)
+        kv_len = int(positions.max()) + 1
+        return self.backend.forward(tokens, positions, slots, kv_len)
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, temperature: float) -> int:
+        if temperature <= 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return int(torch.multinomial(probs, 1))
+
+    def _accept(self, seq: _Seq, token: int) -> None:
+        seq.tokens.append(token)
+        seq.generated += 1
+        if token in seq.req.stop_ids or token in self.eos_ids:
+            self._finish(seq, Finished("stop"))
+            return
+        seq.pending_out.append(token)
+        if seq.generated >= seq.req.max_new_tokens or len(seq.tokens) >= self.backend.max_len:
+            self._finish(seq, Finished("length"))
+
+    def _finish(self, seq: _Seq, result: Finished) -> None:
+        self._live.pop(seq.seq_id, None)
+        if seq.slot >= 0:
+            self._pool.release(seq.slot, seq.tokens[: seq.kv_len])
+            seq.slot = -1
+        if seq.pending_out:
+            self._deliver(seq, seq.pending_out)
+            seq.pending_out = []
+        self._deliver(seq, result)
+
+    def _flush_outputs(self) -> None:
+        for seq in self._live.values():
+            if seq.pending_out:
+                self._deliver(seq, seq.pending_out)
+                seq.pending_out = []
+
+    @staticmethod
+    def _deliver(seq: _Seq, item: list[int] | Finished) -> None:
+        try:
+            seq.loop.call_soon_threadsafe(seq.stream._deliver, item)
+        except RuntimeError:  # the session's loop is gone (shutdown); nobody is listening
+            pass

@@ -1,0 +1,71 @@
+"""The conversation: items as the realtime protocol names them, and the messages the brains see.
+
+The assistant's text here is what the user *heard*: a barge-in truncates it to the played audio, so the
+next answer never refers to words that were cut off. The formulation brain's thought is kept on the
+item (visible reasoning) but, as in MPS and other reasoning models, not fed back into later prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from brains.prompts import ChatMessage
+
+Role = Literal["user", "assistant", "system"]
+
+
+@dataclass
+class Item:
+    id: str
+    role: Role
+    text: str = ""
+    audio: bool = False  # did this message come as (user) or go out as (assistant) audio
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+    thought: str = ""
+    audio_ms: float = 0.0
+
+    def to_protocol(self, beta: bool) -> dict[str, Any]:
+        if self.role == "user":
+            part = {"type": "input_audio", "transcript": self.text or None} if self.audio else \
+                {"type": "input_text", "text": self.text}
+        elif self.audio:
+            part = {"type": "audio" if beta else "output_audio", "transcript": self.text}
+        else:
+            part = {"type": "text" if beta else "output_text", "text": self.text}
+        return {"id": self.id, "object": "realtime.item", "type": "message", "status": self.status,
+                "role": self.role, "content": [part]}
+
+
+class Conversation:
+    def __init__(self) -> None:
+        self.items: list[Item] = []
+
+    def add(self, item: Item, previous_item_id: str | None = None) -> str | None:
+        """Insert after `previous_item_id` (end if None); returns the id of the item before it."""
+        if previous_item_id is None:
+            before = self.items[-1].id if self.items else None
+            self.items.append(item)
+            return before
+        idx = self.index(previous_item_id)
+        self.items.insert(idx + 1, item)
+        return previous_item_id
+
+    def index(self, item_id: str) -> int:
+        for i, item in enumerate(self.items):
+            if item.id == item_id:
+                return i
+        raise KeyError(item_id)
+
+    def get(self, item_id: str) -> Item:
+        return self.items[self.index(item_id)]
+
+    def delete(self, item_id: str) -> None:
+        del self.items[self.index(item_id)]
+
+    def last_id(self) -> str | None:
+        return self.items[-1].id if self.items else None
+
+    def messages(self) -> list[ChatMessage]:
+        return [ChatMessage(item.role, item.text) for item in self.items  # type: ignore[arg-type]
+                if item.role in ("user", "assistant") and item.text.strip()]

@@ -1,0 +1,217 @@
+"""The mind pacer: one turn of Mind-Paced Speaking on the shared engine.
+
+The Formulation Brain (FB) runs as one long sequence writing thought. The Articulation Brain (AB)
+speaks in segments: each segment is a fresh request whose prompt is rebuilt by the MPS rule with all
+thought so far, so every new segment of thought feeds the next segment of speech. The engine reuses
+the FB's keys/values for the shared prefix, so a new AB segment costs only its few new tokens.
+
+Modes (MPS §3): `speak-first` (AB at once; FB keeps ahead), `think-first` (one thought segment first),
+`tbs` (think fully, then speak), `nothink` (AB alone, the latency baseline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from brains.engine import Engine, GenerationRequest, TokenStream
+from brains.prompts import IncrementalText, PromptBuilder
+from realtime.config import LlmConfig, MindConfig, PacingMode
+
+log = logging.getLogger(__name__)
+
+SENTENCE_END = (".", "!", "?")
+
+
+@dataclass(frozen=True)
+class ThoughtDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ReplyDelta:
+    text: str
+
+
+@dataclass
+class TurnStats:
+    mode: str
+    started: float = 0.0
+    fb_first_token: float | None = None
+    ab_first_token: float | None = None
+    fb_tokens_before_reply: int = 0
+    thought_tokens: int = 0
+    reply_tokens: int = 0
+    ab_segments: int = 0
+    prefill_reused: int = 0
+    fb_finished: float | None = None
+
+
+@dataclass(frozen=True)
+class PacerDone:
+    reply: str
+    thought: str
+    stats: TurnStats
+    cancelled: bool = False
+
+
+PacerEvent = ThoughtDelta | ReplyDelta | PacerDone
+
+
+@dataclass
+class _Thought:
+    """What the FB has written so far; `changed` wakes the AB driver on each new segment or the end."""
+
+    ids: list[int] = field(default_factory=list)
+    segments: int = 0
+    done: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class MindPacer:
+    def __init__(self, engine: Engine, prompts: PromptBuilder, mind: MindConfig, llm: LlmConfig,
+                 mode: PacingMode, session_id: str = "",
+                 audio_ahead_ms: Callable[[], float] | None = None) -> None:
+        self.engine = engine
+        self.prompts = prompts
+        self.mind = mind
+        self.llm = llm
+        self.mode = mode
+        self.session_id = session_id
+        self.audio_ahead_ms = audio_ahead_ms or (lambda: 0.0)
+        self._streams: set[TokenStream] = set()
+        self._out: asyncio.Queue[PacerEvent | None] = asyncio.Queue()
+        self.stats = TurnStats(mode=mode)
+
+    @property
+    def thinking(self) -> bool:
+        return self.mode != "nothink"
+
+    def cancel(self) -> None:
+        for stream in list(self._streams):
+            stream.cancel()
+
+    async def run(self, conversation: list[int]) -> AsyncIterator[PacerEvent]:
+        """Yield thought and reply deltas as they come, then one PacerDone."""
+        self.stats.started = time.perf_counter()
+        thought = _Thought()
+        tasks = []
+        if self.thinking:
+            tasks.append(asyncio.create_task(self._formulate(conversation, thought)))
+        speaker = asyncio.create_task(self._articulate(conversation, thought))
+        tasks.append(speaker)
+        speaker.add_done_callback(lambda _: self._out.put_nowait(None))
+        try:
+            while (event := await self._out.get()) is not None:
+                yield event
+            reply, thought_text = speaker.result()
+            yield PacerDone(reply, thought_text, self.stats)
+        finally:
+            self.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _submit(self, prompt: list[int], max_new: int, brain: str) -> TokenStream:
+        req = GenerationRequest(
+            prompt=prompt, max_new_tokens=max_new, brain="fb" if brain == "fb" else "ab",
+            session_id=self.session_id, stop_ids=self.prompts.stop_ids, temperature=self.llm.temperature,
+            audio_ahead_ms=self.audio_ahead_ms if brain == "ab" else None)
+        stream = self.engine.submit(req)
+        self._streams.add(stream)
+        return stream
+
+    # ---- formulation brain --------------------------------------------------------------------
+    async def _formulate(self, conversation: list[int], thought: _Thought) -> None:
+        stream = self._submit(self.prompts.fb_prompt(conversation), self.mind.max_thought_tokens, "fb")
+        text = IncrementalText(self.prompts)
+        seg = self.mind.thought_segment_tokens
+        try:
+            async for ids in stream:
+                if self.stats.fb_first_token is None:
+                    self.stats.fb_first_token = time.perf_counter()
+                thought.ids.extend(ids)
+                end = self.prompts.thought_end(thought.ids)
+                if end is not None:
+                    del thought.ids[end:]
+                    stream.cancel()
+                delta = text.push(ids) if end is None else ""
+                if delta:
+                    self._out.put_nowait(ThoughtDelta(delta))
+                if end is not None:
+                    break
+                if len(thought.ids) >= (thought.segments + 1) * seg:
+                    thought.segments += 1
+                    thought.changed.set()
+        finally:
+            self._streams.discard(stream)
+            self.stats.thought_tokens = len(thought.ids)
+            self.stats.fb_finished = time.perf_counter()
+            thought.done = True
+            thought.changed.set()
+
+    # ---- articulation brain -------------------------------------------------------------------
+    async def _articulate(self, conversation: list[int], thought: _Thought) -> tuple[str, str]:
+        reply = IncrementalText(self.prompts)
+        if self.mode == "think-first":
+            await self._wait(thought, lambda: thought.segments >= 1 or thought.done)
+        elif self.mode == "tbs":
+            await self._wait(thought, lambda: thought.done)
+        budget = self.llm.max_reply_tokens
+        while budget > 0:
+            used = list(thought.ids) if self.thinking else None
+            final = not self.thinking or thought.done
+            limit = budget if final else min(budget, self.mind.reply_segment_tokens)
+            seen_segments = thought.segments
+            prompt = self.prompts.ab_prompt(conversation, used, reply.ids)
+            stream = self._submit(prompt, limit, "ab")
+            self.stats.ab_segments += 1
+            produced = 0
+            try:
+                async for ids in stream:
+                    if self.stats.ab_first_token is None:
+                        self.stats.ab_first_token = time.perf_counter()
+                        self.stats.fb_tokens_before_reply = len(thought.ids)
+                    produced += len(ids)
+                    delta = reply.push(ids)
+                    if delta:
+                        self._out.put_nowait(ReplyDelta(delta))
+                    # New thought arrived: end this segment at a sentence boundary and re-prompt with it.
+                    if (not final and (thought.segments > seen_segments or thought.done)
+                            and reply.text.rstrip().endswith(SENTENCE_END)):
+                        stream.cancel()
+                        break
+            finally:
+                self._streams.discard(stream)
+                self.stats.prefill_reused += stream.reused_prefix
+            budget -= produced
+            self.stats.reply_tokens = len(reply.ids)
+            if stream.finish is not None and stream.finish.reason == "stop":
+                break  # the AB ended its reply
+            if produced == 0 and final:
+                break
+            if not final:
+                await self._wait_for_next_segment(thought, seen_segments)
+        return reply.text.strip(), self.prompts.decode(thought.ids).strip()
+
+    async def _wait_for_next_segment(self, thought: _Thought, seen: int) -> None:
+        """Until new thought arrives, the thought ends, or audio would run dry (then speak on regardless)."""
+        low_water = self.mind.urgent_audio_ms / 2
+        while not (thought.segments > seen or thought.done):
+            if self.audio_ahead_ms() < low_water:
+                return
+            thought.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(thought.changed.wait(), timeout=0.05)
+
+    @staticmethod
+    async def _wait(thought: _Thought, ready: Callable[[], bool]) -> None:
+        while not ready():
+            thought.changed.clear()
+            if ready():
+                return
+            await thought.changed.wait()

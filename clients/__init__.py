@@ -1,0 +1,1 @@
+"""Clients for Duet's server: WebSocket library, file client, microphone CLI."""

@@ -1,0 +1,1 @@
+"""Duet's realtime layer: server, sessions, protocol events, audio, VAD and listening."""

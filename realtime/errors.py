@@ -1,0 +1,31 @@
+"""One exception hierarchy: recoverable errors end a request or a session, fatal ones the engine."""
+
+from __future__ import annotations
+
+
+class DuetError(Exception):
+    """Base of every error Duet raises on purpose."""
+
+
+class SessionError(DuetError):
+    """Recoverable: reported to the client as an `error` event; the session goes on."""
+
+    def __init__(self, message: str, *, code: str, type: str = "invalid_request_error",
+                 param: str | None = None, event_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.type = type
+        self.param = param
+        self.event_id = event_id
+
+
+class EngineError(DuetError):
+    """Fatal for the engine: every request in flight fails with it."""
+
+
+class CapacityError(SessionError):
+    """The engine has no free KV-cache slot; the request can be retried later."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="capacity_exceeded", type="server_error")

@@ -1,0 +1,261 @@
+"""One assistant response: brains -> text deltas -> sentence chunks -> speech -> audio deltas.
+
+Text streams to the client as the articulation brain writes it; each complete sentence (or, for the
+first, a clause) is synthesized at once, so the first audio leaves while the brain is still writing.
+Cancelling (barge-in, response.cancel, disconnect) stops the brains and speech at once and truncates
+the assistant's item to what the client had played by then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from brains.history import Item
+from brains.pacer import MindPacer, PacerDone, ReplyDelta, ThoughtDelta
+from realtime import audio as audio_codec
+from realtime import events as ev
+from realtime.config import PACING_MODES, PacingMode
+from realtime.errors import DuetError, SessionError
+from realtime.playback import PlaybackClock
+from tts.chunker import SentenceChunker
+
+if TYPE_CHECKING:
+    from realtime.session import Session
+    from realtime.session_settings import SessionSettings
+
+log = logging.getLogger(__name__)
+
+AUDIO_DELTA_MS = 200  # audio delta size: small enough to start playback early, large enough to be cheap
+
+
+@dataclass(frozen=True)
+class ResponseOptions:
+    instructions: str | None
+    modalities: tuple[str, ...]
+    pacing: PacingMode
+    max_output_tokens: int | None
+    conversation: str = "auto"  # "none": out-of-band, not added to the history
+    turn_committed_at: float | None = None
+    transcribed_at: float | None = None
+    speech_end_ms: int | None = None
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any], settings: SessionSettings, event_id: str | None = None) -> ResponseOptions:
+        def bad(msg: str, param: str) -> SessionError:
+            return SessionError(msg, code="invalid_value", param=f"response.{param}", event_id=event_id)
+
+        mods = raw.get("output_modalities", raw.get("modalities", settings.modalities))
+        if not isinstance(mods, list) or not mods or any(m not in ("audio", "text") for m in mods):
+            raise bad("modalities must be a non-empty list of 'audio' and 'text'", "modalities")
+        pacing = (raw.get("duet") or {}).get("pacing", settings.pacing)
+        if pacing not in PACING_MODES:
+            raise bad(f"duet.pacing must be one of {PACING_MODES}", "duet.pacing")
+        limit = raw.get("max_output_tokens", raw.get("max_response_output_tokens", settings.max_output_tokens))
+        if limit != "inf" and (not isinstance(limit, int) or limit < 1):
+            raise bad("max_output_tokens must be a positive integer or 'inf'", "max_output_tokens")
+        instructions = raw.get("instructions", settings.instructions)
+        if instructions is not None and not isinstance(instructions, str):
+            raise bad("instructions must be a string", "instructions")
+        conversation = raw.get("conversation", "auto")
+        return cls(instructions=instructions, modalities=tuple(mods), pacing=pacing,
+                   max_output_tokens=None if limit == "inf" else limit,
+                   conversation="none" if conversation == "none" else "auto")
+
+
+class Response:
+    def __init__(self, session: Session, options: ResponseOptions) -> None:
+        self.session = session
+        self.options = options
+        self.id = ev.new_id("resp")
+        self.item = Item(id=ev.new_id("item"), role="assistant", audio="audio" in options.modalities,
+                         status="in_progress")
+        self.playback = PlaybackClock()
+        self.done = False
+        self.status = "in_progress"
+        self.status_reason: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._pacer: MindPacer | None = None
+        self.metrics: dict[str, Any] = {"pacing": options.pacing}
+        self._t0 = options.turn_committed_at or time.perf_counter()
+        self._spoken: list[tuple[float, float, str]] = []  # (start_ms, end_ms, text) of audio sent
+
+    @property
+    def beta(self) -> bool:
+        return self.session.settings.beta
+
+    def _mark(self, name: str) -> None:
+        if name not in self.metrics:
+            self.metrics[name] = round((time.perf_counter() - self._t0) * 1000, 1)
+
+    def cancel(self, reason: str) -> None:
+        if self.done:
+            return
+        self.status, self.status_reason = "cancelled", reason
+        if self._pacer is not None:
+            self._pacer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+    async def run(self) -> None:
+        self._task = asyncio.current_task()
+        s = self.session
+        emit = s.emit
+        emit(ev.ResponseCreated(response=self._protocol([])))
+        if self.options.conversation == "auto":
+            s.history.add(self.item)
+        emit(ev.OutputItemAdded(response_id=self.id, item=self.item.to_protocol(self.beta)))
+        emit(ev.ContentPartAdded(response_id=self.id, item_id=self.item.id, part=self._part()))
+        speech = _Speech(self) if self.item.audio else None
+        try:
+            await self._think_and_speak(speech)
+            self.status = "completed"
+        except asyncio.CancelledError:
+            if self.status != "cancelled":
+                raise
+        except DuetError as exc:
+            self.status, self.status_reason = "failed", str(exc)
+            emit(ev.error_event(SessionError(f"response failed: {exc}", code="response_failed",
+                                             type="server_error")))
+        finally:
+            if speech is not None:
+                speech.stop()
+            self._finish()
+
+    async def _think_and_speak(self, speech: _Speech | None) -> None:
+        s, rt, opts = self.session, self.session.rt, self.options
+        llm = rt.config.llm
+        if opts.max_output_tokens is not None:
+            llm = dataclasses.replace(llm, max_reply_tokens=min(llm.max_reply_tokens, opts.max_output_tokens))
+        self._pacer = MindPacer(rt.engine, rt.prompts, rt.config.mind, llm, opts.pacing, s.id,
+                                audio_ahead_ms=self.playback.ahead_ms)
+        conv = self._conversation_ids(self._pacer.thinking)
+        async for event in self._pacer.run(conv):
+            if isinstance(event, ThoughtDelta):
+                self._mark("fb_first_token_ms")
+                s.emit(ev.ThoughtDelta(response_id=self.id, item_id=self.item.id, delta=event.text))
+                self.item.thought += event.text
+            elif isinstance(event, ReplyDelta):
+                self._mark("ab_first_token_ms")
+                self.item.text += event.text
+                cls = ev.AudioTranscriptDelta if self.item.audio else ev.TextDelta
+                s.emit(cls(response_id=self.id, item_id=self.item.id, delta=event.text))
+                if speech is not None:
+                    speech.push(event.text)
+            elif isinstance(event, PacerDone):
+                self.item.text = event.reply
+                st = event.stats
+                self.metrics.update(fb_tokens_before_reply=st.fb_tokens_before_reply, thought_tokens=st.thought_tokens,
+                                    reply_tokens=st.reply_tokens, ab_segments=st.ab_segments,
+                                    prefill_reused=st.prefill_reused)
+        if speech is not None:
+            await speech.finish()
+
+    def _conversation_ids(self, thinking: bool) -> list[int]:
+        """The prompt, dropping the oldest messages until the turn fits the model's cache."""
+        rt = self.session.rt
+        # This response's own item is already in the history, still empty, and messages() skips it.
+        messages = self.session.history.messages()
+        reserve = rt.config.llm.max_reply_tokens + (rt.config.mind.max_thought_tokens if thinking else 0) + 16
+        while True:
+            ids = rt.prompts.conversation(messages, self.options.instructions, thinking)
+            if len(ids) + reserve <= rt.config.llm.max_seq_len or len(messages) <= 1:
+                return ids[-(rt.config.llm.max_seq_len - reserve):]
+            messages = messages[1:]
+
+    # ---- finishing ----------------------------------------------------------------------------
+    def _part(self) -> dict[str, Any]:
+        if self.item.audio:
+            return {"type": "audio" if self.beta else "output_audio", "transcript": self.item.text}
+        return {"type": "text" if self.beta else "output_text", "text": self.item.text}
+
+    def heard_text(self) -> str:
+        """The reply as far as the client has played it (for truncation after a barge-in)."""
+        played = self.playback.played_ms()
+        return " ".join(text for start, _, text in self._spoken if start < played).strip()
+
+    def _finish(self) -> None:
+        s, emit = self.session, self.session.emit
+        self.done = True
+        if self.status == "cancelled" and self.item.audio:
+            self.item.text = self.heard_text()
+        self.item.status = "completed" if self.status == "completed" else "incomplete"
+        self.item.audio_ms = self.playback.queued_ms
+        if self.item.audio:
+            emit(ev.AudioDone(response_id=self.id, item_id=self.item.id))
+            emit(ev.AudioTranscriptDone(response_id=self.id, item_id=self.item.id, transcript=self.item.text))
+        else:
+            emit(ev.TextDone(response_id=self.id, item_id=self.item.id, text=self.item.text))
+        emit(ev.ContentPartDone(response_id=self.id, item_id=self.item.id, part=self._part()))
+        emit(ev.OutputItemDone(response_id=self.id, item=self.item.to_protocol(self.beta)))
+        self.metrics.update(underruns=self.playback.underruns, audio_ms=round(self.playback.queued_ms),
+                            speech_end_ms=self.options.speech_end_ms, status=self.status)
+        if self.options.transcribed_at is not None:
+            self.metrics["transcript_ms"] = round((self.options.transcribed_at - self._t0) * 1000, 1)
+        emit(ev.TurnMetrics(response_id=self.id, metrics=self.metrics))
+        usage = {"output_tokens": self.metrics.get("reply_tokens", 0),
+                 "output_token_details": {"reasoning_tokens": self.metrics.get("thought_tokens", 0)}}
+        emit(ev.ResponseDone(response=self._protocol([self.item.to_protocol(self.beta)], usage)))
+        s.log.info("response %s %s: %r %s", self.id, self.status, self.item.text[:80], self.metrics)
+
+    def _protocol(self, output: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        details = {"type": self.status, "reason": self.status_reason} if self.status_reason else None
+        return {"id": self.id, "object": "realtime.response", "status": self.status, "status_details": details,
+                "output": output, "usage": usage, "modalities" if self.beta else "output_modalities":
+                list(self.options.modalities), "conversation_id": self.session.id}
+
+
+class _Speech:
+    """Chunks the reply text, synthesizes each chunk in the TTS pool and sends it as audio deltas."""
+
+    def __init__(self, response: Response) -> None:
+        self.r = response
+        rt = response.session.rt
+        self.chunker = SentenceChunker(first_chunk_min_words=rt.config.tts.first_chunk_min_words)
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self.task = asyncio.create_task(self._run())
+
+    def push(self, text: str) -> None:
+        for chunk in self.chunker.push(text):
+            self.queue.put_nowait(chunk)
+
+    async def finish(self) -> None:
+        for chunk in self.chunker.flush():
+            self.queue.put_nowait(chunk)
+        self.queue.put_nowait(None)
+        await self.task
+
+    def stop(self) -> None:
+        self.task.cancel()
+
+    async def _run(self) -> None:
+        r = self.r
+        s = r.session
+        synth = s.rt.synthesizer
+        while (chunk := await self.queue.get()) is not None:
+            wav = await s.rt.run_in(s.rt.tts_pool, synth.synthesize, chunk)
+            if not len(wav):
+                continue
+            r._mark("first_audio_synthesized_ms")
+            fmt = s.settings.output_format
+            out = audio_codec.resample(wav, synth.sample_rate, fmt.sample_rate)
+            start = r.playback.queued_ms
+            self._send(out, fmt)
+            r._spoken.append((start, r.playback.queued_ms, chunk))
+
+    def _send(self, samples: np.ndarray, fmt: audio_codec.AudioFormat) -> None:
+        r = self.r
+        step = fmt.sample_rate * AUDIO_DELTA_MS // 1000
+        for i in range(0, len(samples), step):
+            piece = samples[i:i + step]
+            data = audio_codec.encode(piece, fmt)
+            r.session.emit(ev.AudioDelta(response_id=r.id, item_id=r.item.id,
+                                         delta=ev.encode_audio(data)))
+            r._mark("first_audio_sent_ms")
+            r.playback.add(len(piece) * 1000.0 / fmt.sample_rate)

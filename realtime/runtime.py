@@ -1,0 +1,74 @@
+"""What one process shares among all sessions: the models, the engine and the worker threads.
+
+Models load once, here; sessions only hold per-stream state. Blocking model work (VAD, Whisper,
+Piper) runs in thread pools and the LLM on the engine's own thread, so the event loop only routes
+events and never computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from brains.backends.loader import load_decoder
+from brains.backends.torch_backend import TorchBackend
+from brains.engine import Engine
+from brains.prompts import PromptBuilder
+from brains.scheduler import SchedulerConfig
+from realtime.config import DuetConfig
+from realtime.listener import Listener
+from realtime.vad import SileroVad
+from tts.synthesizer import Synthesizer
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class Runtime:
+    config: DuetConfig
+    vad: SileroVad
+    listener: Listener
+    synthesizer: Synthesizer
+    engine: Engine
+    prompts: PromptBuilder
+    asr_pool: ThreadPoolExecutor
+    tts_pool: ThreadPoolExecutor
+    vad_pool: ThreadPoolExecutor
+
+    @classmethod
+    def load(cls, config: DuetConfig) -> Runtime:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        t0 = time.perf_counter()
+        decoder, tokenizer = load_decoder(config.llm)
+        prompts = PromptBuilder(tokenizer, config.llm, config.mind)
+        backend = TorchBackend(decoder, config.llm.max_slots)
+        engine = Engine(backend, SchedulerConfig(
+            token_budget=config.llm.step_token_budget, max_batch=config.llm.max_slots,
+            prefill_chunk=config.llm.prefill_chunk, urgent_audio_ms=config.mind.urgent_audio_ms),
+            eos_ids=prompts.stop_ids)
+        runtime = cls(
+            config=config, vad=SileroVad.load(), listener=Listener.load(config.asr),
+            synthesizer=Synthesizer.load(config.tts), engine=engine, prompts=prompts,
+            # One ASR and one TTS worker: on small CPUs more threads only contend with the engine.
+            asr_pool=ThreadPoolExecutor(1, thread_name_prefix="duet-asr"),
+            tts_pool=ThreadPoolExecutor(1, thread_name_prefix="duet-tts"),
+            vad_pool=ThreadPoolExecutor(1, thread_name_prefix="duet-vad"),
+        )
+        engine.start()
+        log.info("runtime ready in %.1fs", time.perf_counter() - t0)
+        return runtime
+
+    async def run_in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    def close(self) -> None:
+        self.engine.close()
+        for pool in (self.asr_pool, self.tts_pool, self.vad_pool):
+            pool.shutdown(wait=False, cancel_futures=True)

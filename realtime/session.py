@@ -1,0 +1,267 @@
+"""One conversation: input audio -> turns -> transcript -> mind-paced reply -> speech out.
+
+The session core speaks typed protocol events (`realtime.events`) and never sees JSON, base64 framing
+or a socket: transports feed it client events and drain the events it emits. Model work happens in
+the runtime's thread pools and engine thread; here we only route and keep per-session state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from brains.history import Conversation, Item
+from realtime import audio as audio_codec
+from realtime import events as ev
+from realtime.config import VadConfig
+from realtime.errors import SessionError
+from realtime.response import Response, ResponseOptions
+from realtime.runtime import Runtime
+from realtime.session_settings import SessionSettings
+from realtime.vad import SilenceStarted, SpeechResumed, SpeechStarted, SpeechStopped, TurnEvent, VadSegmenter
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[ev.ServerEvent], None]
+VAD_RATE = 16000
+
+
+class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['session_id']}] {msg}", kwargs  # type: ignore[index]
+
+
+class Session:
+    def __init__(self, runtime: Runtime, session_id: str, emit: Emit, beta: bool = False) -> None:
+        self.rt = runtime
+        self.id = session_id
+        self.emit = emit
+        self.log = SessionLog(log, {"session_id": session_id})
+        self.settings = SessionSettings.from_config(runtime.config, beta=beta)
+        self.history = Conversation()
+        self.segmenter = VadSegmenter(runtime.vad, runtime.config.vad,
+                                      max_turn_ms=int(runtime.config.server.max_turn_seconds * 1000))
+        self._resampler = audio_codec.Resampler(self.settings.input_format.sample_rate, VAD_RATE)
+        self._odd_byte = b""
+        self._audio_in: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._manual_audio: list[np.ndarray] = []  # input buffer when turn_detection is null
+        self._speculative: tuple[int, asyncio.Future[str]] | None = None
+        self._pending_item: str | None = None  # item id of the turn in progress
+        self.response: Response | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._input_task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.emit(ev.SessionCreated(session=self.settings.to_protocol(self.id)))
+        self._input_task = asyncio.create_task(self._input_loop(), name=f"{self.id}-input")
+
+    async def close(self) -> None:
+        if self.response is not None:
+            self.response.cancel("client_disconnected")
+        tasks = [t for t in (*self._tasks, self._input_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=f"{self.id}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.log.error("task %s failed: %r", task.get_name(), exc, exc_info=exc)
+            self.emit(ev.error_event(SessionError(f"internal error: {exc}", code="internal_error",
+                                                  type="server_error")))
+
+    # ---- client events ------------------------------------------------------------------------
+    async def handle(self, event: ev.ClientEvent) -> None:
+        handler = getattr(self, "_on_" + type(event).__name__, None)
+        if handler is None:
+            raise SessionError(f"{type(event).__name__} is not supported yet", code="unsupported_event",
+                               event_id=event.event_id)
+        await handler(event)
+
+    async def _on_SessionUpdate(self, e: ev.SessionUpdate) -> None:
+        before_rate = self.settings.input_format.sample_rate
+        self.settings.apply(e.session, e.event_id)
+        if self.settings.input_format.sample_rate != before_rate:
+            self._resampler = audio_codec.Resampler(self.settings.input_format.sample_rate, VAD_RATE)
+        td = self.settings.turn_detection
+        if td is not None:
+            self.segmenter.detector.configure(VadConfig(
+                threshold=td.threshold, prefix_padding_ms=td.prefix_padding_ms,
+                silence_duration_ms=td.silence_duration_ms, min_speech_ms=self.rt.config.vad.min_speech_ms))
+        self.emit(ev.SessionUpdated(session=self.settings.to_protocol(self.id)))
+
+    async def _on_InputAudioBufferAppend(self, e: ev.InputAudioBufferAppend) -> None:
+        data = ev.decode_audio(e.audio, e.event_id)
+        if self.settings.input_format.encoding == "pcm16":
+            data = self._odd_byte + data
+            self._odd_byte = b""
+            if len(data) % 2:
+                # Keep the stray byte for the next append so the stream stays aligned and nothing is lost.
+                self._odd_byte, data = data[-1:], data[:-1]
+                self.emit(ev.error_event(SessionError(
+                    "pcm16 audio must be a whole number of 16-bit samples; the odd trailing byte is held "
+                    "for the next append", code="invalid_audio_length", param="audio", event_id=e.event_id)))
+        if data:
+            self._audio_in.put_nowait(data)
+
+    async def _on_InputAudioBufferCommit(self, e: ev.InputAudioBufferCommit) -> None:
+        await self._audio_drained()
+        if self.settings.turn_detection is not None:
+            audio = await self.rt.run_in(self.rt.vad_pool, self._take_turn_audio)
+        else:
+            audio = np.concatenate(self._manual_audio) if self._manual_audio else np.zeros(0, np.float32)
+            self._manual_audio.clear()
+        if len(audio) < VAD_RATE // 10:
+            raise SessionError("buffer too small: commit needs at least 100 ms of audio",
+                               code="input_audio_buffer_commit_empty", event_id=e.event_id)
+        self._commit_turn(self._pending_item or ev.new_id("item"), audio, None)
+
+    def _take_turn_audio(self) -> np.ndarray:
+        audio = self.segmenter.current_turn_audio()
+        self.segmenter.reset()
+        return audio
+
+    async def _on_InputAudioBufferClear(self, e: ev.InputAudioBufferClear) -> None:
+        await self._audio_drained()
+        await self.rt.run_in(self.rt.vad_pool, self.segmenter.reset)
+        self._manual_audio.clear()
+        self._pending_item = None
+        self.emit(ev.Cleared())
+
+    async def _on_ResponseCreate(self, e: ev.ResponseCreate) -> None:
+        options = ResponseOptions.parse(e.response or {}, self.settings, e.event_id)
+        self.start_response(options)
+
+    async def _on_ResponseCancel(self, e: ev.ResponseCancel) -> None:
+        if self.response is None or self.response.done:
+            raise SessionError("no response is in progress", code="response_cancel_not_active",
+                               event_id=e.event_id)
+        if e.response_id and e.response_id != self.response.id:
+            raise SessionError(f"response {e.response_id} is not in progress", code="invalid_value",
+                               param="response_id", event_id=e.event_id)
+        self.response.cancel("client_cancelled")
+
+    async def _on_ConversationItemCreate(self, e: ev.ConversationItemCreate) -> None:
+        item = _item_from_protocol(e.item, e.event_id)
+        try:
+            previous = self.history.add(item, e.previous_item_id)
+        except KeyError:
+            raise SessionError(f"previous_item_id {e.previous_item_id} does not exist", code="item_not_found",
+                               param="previous_item_id", event_id=e.event_id) from None
+        self.emit(ev.ItemCreated(previous_item_id=previous, item=item.to_protocol(self.settings.beta)))
+
+    # ---- input audio --------------------------------------------------------------------------
+    async def _audio_drained(self) -> None:
+        """Wait until every appended chunk went through the VAD (commit/clear act on all of it)."""
+        while not self._audio_in.empty():
+            await asyncio.sleep(0.005)
+        await self.rt.run_in(self.rt.vad_pool, lambda: None)
+
+    async def _input_loop(self) -> None:
+        while True:
+            data = await self._audio_in.get()
+            if data is None:
+                return
+            samples = audio_codec.decode(data, self.settings.input_format)
+            samples = self._resampler.process(samples)
+            if self.settings.turn_detection is None:
+                self._manual_audio.append(samples)
+                continue
+            turn_events, snapshot = await self.rt.run_in(self.rt.vad_pool, self._feed_vad, samples)
+            for event in turn_events:
+                self._on_turn_event(event, snapshot)
+
+    def _feed_vad(self, samples: np.ndarray) -> tuple[list[TurnEvent], np.ndarray | None]:
+        """Runs on the VAD thread; snapshots the turn's audio there when the user falls silent."""
+        events = self.segmenter.feed(samples)
+        snapshot = self.segmenter.current_turn_audio() if any(isinstance(x, SilenceStarted) for x in events) \
+            else None
+        return events, snapshot
+
+    def _on_turn_event(self, event: TurnEvent, snapshot: np.ndarray | None) -> None:
+        if isinstance(event, SpeechStarted):
+            self._pending_item = ev.new_id("item")
+            self._speculative = None
+            self.emit(ev.SpeechStarted(audio_start_ms=event.audio_start_ms, item_id=self._pending_item))
+            td = self.settings.turn_detection
+            if self.response is not None and not self.response.done and td and td.interrupt_response:
+                self.response.cancel("turn_detected")
+        elif isinstance(event, SilenceStarted) and snapshot is not None:
+            # Transcribe while the silence window runs: if the user stays quiet, the transcript is
+            # ready (or nearly) when the turn is confirmed, taking ASR off the critical path.
+            fut = asyncio.ensure_future(self.rt.run_in(self.rt.asr_pool, self.rt.listener.transcribe, snapshot))
+            self._speculative = (len(snapshot), fut)
+        elif isinstance(event, SpeechResumed):
+            self._speculative = None
+        elif isinstance(event, SpeechStopped):
+            item_id = self._pending_item or ev.new_id("item")
+            self._pending_item = None
+            self.emit(ev.SpeechStopped(audio_end_ms=event.audio_end_ms, item_id=item_id))
+            speculative = self._speculative[1] if self._speculative is not None else None
+            self._speculative = None
+            self._commit_turn(item_id, event.audio, speculative, speech_end_ms=event.audio_end_ms)
+
+    def _commit_turn(self, item_id: str, audio: np.ndarray, transcript: asyncio.Future[str] | None,
+                     speech_end_ms: int | None = None) -> None:
+        committed_at = time.perf_counter()
+        item = Item(id=item_id, role="user", audio=True, status="in_progress")
+        previous = self.history.add(item)
+        self.emit(ev.Committed(previous_item_id=previous, item_id=item_id))
+        self.emit(ev.ItemCreated(previous_item_id=previous, item=item.to_protocol(self.settings.beta)))
+        self._spawn(self._transcribe_turn(item, audio, transcript, committed_at, speech_end_ms), "turn")
+
+    async def _transcribe_turn(self, item: Item, audio: np.ndarray, speculative: asyncio.Future[str] | None,
+                               committed_at: float, speech_end_ms: int | None) -> None:
+        text = await speculative if speculative is not None else \
+            await self.rt.run_in(self.rt.asr_pool, self.rt.listener.transcribe, audio)
+        item.text, item.status = text, "completed"
+        transcribed_at = time.perf_counter()
+        self.emit(ev.TranscriptionCompleted(item_id=item.id, transcript=text))
+        self.log.info("user said %r (%.0f ms after commit)", text, (transcribed_at - committed_at) * 1000)
+        td = self.settings.turn_detection
+        if td is not None and td.create_response and text.strip():
+            options = ResponseOptions.parse({}, self.settings)
+            options = dataclasses.replace(options, turn_committed_at=committed_at,
+                                          transcribed_at=transcribed_at, speech_end_ms=speech_end_ms)
+            self.start_response(options)
+
+    # ---- responses ----------------------------------------------------------------------------
+    def start_response(self, options: ResponseOptions) -> None:
+        if self.response is not None and not self.response.done:
+            if options.turn_committed_at is None:
+                raise SessionError("a response is already in progress", code="conversation_already_has_active_response")
+            self.response.cancel("turn_detected")
+        self.response = Response(self, options)
+        self._spawn(self.response.run(), "response")
+
+
+def _item_from_protocol(raw: dict[str, Any], event_id: str | None) -> Item:
+    if raw.get("type", "message") != "message":
+        raise SessionError(f"item type {raw.get('type')!r} is not supported yet", code="invalid_value",
+                           param="item.type", event_id=event_id)
+    role = raw.get("role")
+    if role not in ("user", "assistant", "system"):
+        raise SessionError("item.role must be user, assistant or system", code="invalid_value",
+                           param="item.role", event_id=event_id)
+    texts = []
+    for part in raw.get("content") or []:
+        if isinstance(part, dict):
+            value = part.get("text") or part.get("transcript")
+            if isinstance(value, str):
+                texts.append(value)
+    return Item(id=str(raw.get("id") or ev.new_id("item")), role=role, text=" ".join(texts))
+

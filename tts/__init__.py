@@ -1,0 +1,1 @@
+"""Speech synthesis: text -> phoneme ids (speech tokens) -> waveform (vocoder)."""
