@@ -10,6 +10,7 @@ the loop with `call_soon_threadsafe` (moshi-server's compute thread; vLLM's Engi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
@@ -357,7 +358,6 @@ class Engine:
 
     @staticmethod
     def _deliver(seq: _Seq, item: list[int] | Finished) -> None:
-        try:
+        # RuntimeError: the session's loop is gone (shutdown); nobody is listening.
+        with contextlib.suppress(RuntimeError):
             seq.loop.call_soon_threadsafe(seq.stream._deliver, item)
-        except RuntimeError:  # the session's loop is gone (shutdown); nobody is listening
-            pass

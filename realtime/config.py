@@ -176,3 +176,6 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
         config = merge(config, parse_override(text))
     return config
 
+
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.toml"

@@ -25,50 +25,50 @@ class ClientEvent(msgspec.Struct, kw_only=True, tag_field="type"):
     event_id: str | None = None
 
 
-class SessionUpdate(ClientEvent, tag="session.update"):
+class SessionUpdate(ClientEvent, kw_only=True, tag="session.update"):
     session: dict[str, Any]
 
 
-class InputAudioBufferAppend(ClientEvent, tag="input_audio_buffer.append"):
+class InputAudioBufferAppend(ClientEvent, kw_only=True, tag="input_audio_buffer.append"):
     audio: str  # base64; decoded by `decode_audio` for a clear error on bad input
 
 
-class InputAudioBufferCommit(ClientEvent, tag="input_audio_buffer.commit"):
+class InputAudioBufferCommit(ClientEvent, kw_only=True, tag="input_audio_buffer.commit"):
     pass
 
 
-class InputAudioBufferClear(ClientEvent, tag="input_audio_buffer.clear"):
+class InputAudioBufferClear(ClientEvent, kw_only=True, tag="input_audio_buffer.clear"):
     pass
 
 
-class ConversationItemCreate(ClientEvent, tag="conversation.item.create"):
+class ConversationItemCreate(ClientEvent, kw_only=True, tag="conversation.item.create"):
     item: dict[str, Any]
     previous_item_id: str | None = None
 
 
-class ConversationItemTruncate(ClientEvent, tag="conversation.item.truncate"):
+class ConversationItemTruncate(ClientEvent, kw_only=True, tag="conversation.item.truncate"):
     item_id: str
     content_index: int = 0
     audio_end_ms: int = 0
 
 
-class ConversationItemDelete(ClientEvent, tag="conversation.item.delete"):
+class ConversationItemDelete(ClientEvent, kw_only=True, tag="conversation.item.delete"):
     item_id: str
 
 
-class ConversationItemRetrieve(ClientEvent, tag="conversation.item.retrieve"):
+class ConversationItemRetrieve(ClientEvent, kw_only=True, tag="conversation.item.retrieve"):
     item_id: str
 
 
-class ResponseCreate(ClientEvent, tag="response.create"):
+class ResponseCreate(ClientEvent, kw_only=True, tag="response.create"):
     response: dict[str, Any] | None = None
 
 
-class ResponseCancel(ClientEvent, tag="response.cancel"):
+class ResponseCancel(ClientEvent, kw_only=True, tag="response.cancel"):
     response_id: str | None = None
 
 
-class OutputAudioBufferClear(ClientEvent, tag="output_audio_buffer.clear"):
+class OutputAudioBufferClear(ClientEvent, kw_only=True, tag="output_audio_buffer.clear"):
     pass
 
 
@@ -136,71 +136,71 @@ class ErrorDetail(msgspec.Struct, kw_only=True):
     event_id: str | None = None
 
 
-class Error(ServerEvent, tag="error"):
+class Error(ServerEvent, kw_only=True, tag="error"):
     error: ErrorDetail
 
 
-class SessionCreated(ServerEvent, tag="session.created"):
+class SessionCreated(ServerEvent, kw_only=True, tag="session.created"):
     session: dict[str, Any]
 
 
-class SessionUpdated(ServerEvent, tag="session.updated"):
+class SessionUpdated(ServerEvent, kw_only=True, tag="session.updated"):
     session: dict[str, Any]
 
 
-class SpeechStarted(ServerEvent, tag="input_audio_buffer.speech_started"):
+class SpeechStarted(ServerEvent, kw_only=True, tag="input_audio_buffer.speech_started"):
     audio_start_ms: int
     item_id: str
 
 
-class SpeechStopped(ServerEvent, tag="input_audio_buffer.speech_stopped"):
+class SpeechStopped(ServerEvent, kw_only=True, tag="input_audio_buffer.speech_stopped"):
     audio_end_ms: int
     item_id: str
 
 
-class Committed(ServerEvent, tag="input_audio_buffer.committed"):
+class Committed(ServerEvent, kw_only=True, tag="input_audio_buffer.committed"):
     previous_item_id: str | None
     item_id: str
 
 
-class Cleared(ServerEvent, tag="input_audio_buffer.cleared"):
+class Cleared(ServerEvent, kw_only=True, tag="input_audio_buffer.cleared"):
     pass
 
 
-class ItemCreated(ServerEvent, tag="conversation.item.created"):
+class ItemCreated(ServerEvent, kw_only=True, tag="conversation.item.created"):
     previous_item_id: str | None
     item: dict[str, Any]
 
 
-class TranscriptionDelta(ServerEvent, tag="conversation.item.input_audio_transcription.delta"):
+class TranscriptionDelta(ServerEvent, kw_only=True, tag="conversation.item.input_audio_transcription.delta"):
     item_id: str
     content_index: int = 0
     delta: str
 
 
-class TranscriptionCompleted(ServerEvent, tag="conversation.item.input_audio_transcription.completed"):
+class TranscriptionCompleted(ServerEvent, kw_only=True, tag="conversation.item.input_audio_transcription.completed"):
     item_id: str
     content_index: int = 0
     transcript: str
 
 
-class ResponseCreated(ServerEvent, tag="response.created"):
+class ResponseCreated(ServerEvent, kw_only=True, tag="response.created"):
     response: dict[str, Any]
 
 
-class OutputItemAdded(ServerEvent, tag="response.output_item.added"):
+class OutputItemAdded(ServerEvent, kw_only=True, tag="response.output_item.added"):
     response_id: str
     output_index: int = 0
     item: dict[str, Any]
 
 
-class OutputItemDone(ServerEvent, tag="response.output_item.done"):
+class OutputItemDone(ServerEvent, kw_only=True, tag="response.output_item.done"):
     response_id: str
     output_index: int = 0
     item: dict[str, Any]
 
 
-class ContentPartAdded(ServerEvent, tag="response.content_part.added"):
+class ContentPartAdded(ServerEvent, kw_only=True, tag="response.content_part.added"):
     response_id: str
     item_id: str
     output_index: int = 0
@@ -208,7 +208,7 @@ class ContentPartAdded(ServerEvent, tag="response.content_part.added"):
     part: dict[str, Any]
 
 
-class ContentPartDone(ServerEvent, tag="response.content_part.done"):
+class ContentPartDone(ServerEvent, kw_only=True, tag="response.content_part.done"):
     response_id: str
     item_id: str
     output_index: int = 0
@@ -224,26 +224,26 @@ class _Delta(ServerEvent, kw_only=True):
     delta: str
 
 
-class AudioDelta(_Delta, tag="response.output_audio.delta"):
+class AudioDelta(_Delta, kw_only=True, tag="response.output_audio.delta"):
     pass
 
 
-class AudioTranscriptDelta(_Delta, tag="response.output_audio_transcript.delta"):
+class AudioTranscriptDelta(_Delta, kw_only=True, tag="response.output_audio_transcript.delta"):
     pass
 
 
-class TextDelta(_Delta, tag="response.output_text.delta"):
+class TextDelta(_Delta, kw_only=True, tag="response.output_text.delta"):
     pass
 
 
-class AudioDone(ServerEvent, tag="response.output_audio.done"):
+class AudioDone(ServerEvent, kw_only=True, tag="response.output_audio.done"):
     response_id: str
     item_id: str
     output_index: int = 0
     content_index: int = 0
 
 
-class AudioTranscriptDone(ServerEvent, tag="response.output_audio_transcript.done"):
+class AudioTranscriptDone(ServerEvent, kw_only=True, tag="response.output_audio_transcript.done"):
     response_id: str
     item_id: str
     output_index: int = 0
@@ -251,7 +251,7 @@ class AudioTranscriptDone(ServerEvent, tag="response.output_audio_transcript.don
     transcript: str
 
 
-class TextDone(ServerEvent, tag="response.output_text.done"):
+class TextDone(ServerEvent, kw_only=True, tag="response.output_text.done"):
     response_id: str
     item_id: str
     output_index: int = 0
@@ -259,15 +259,15 @@ class TextDone(ServerEvent, tag="response.output_text.done"):
     text: str
 
 
-class ResponseDone(ServerEvent, tag="response.done"):
+class ResponseDone(ServerEvent, kw_only=True, tag="response.done"):
     response: dict[str, Any]
 
 
-class OutputAudioBufferCleared(ServerEvent, tag="output_audio_buffer.cleared"):
+class OutputAudioBufferCleared(ServerEvent, kw_only=True, tag="output_audio_buffer.cleared"):
     response_id: str | None = None
 
 
-class ThoughtDelta(ServerEvent, tag="duet.thought.delta"):
+class ThoughtDelta(ServerEvent, kw_only=True, tag="duet.thought.delta"):
     """Visible reasoning: the formulation brain's text as it is written (a Duet extension)."""
 
     response_id: str
@@ -275,7 +275,7 @@ class ThoughtDelta(ServerEvent, tag="duet.thought.delta"):
     delta: str
 
 
-class TurnMetrics(ServerEvent, tag="duet.turn.metrics"):
+class TurnMetrics(ServerEvent, kw_only=True, tag="duet.turn.metrics"):
     """Per-turn timestamps (ms, server monotonic clock relative to the user's speech end)."""
 
     response_id: str
