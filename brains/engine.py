@@ -28,6 +28,9 @@ from realtime.errors import EngineError
 
 log = logging.getLogger(__name__)
 
+# A shared prefix shorter than this is cheaper to prefill twice than to wait for.
+MIN_SHARED_PREFILL = 16
+
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
@@ -251,8 +254,12 @@ class Engine:
             self._flush_outputs()
 
     def _admit(self) -> None:
+        deferred = []
         while self._waiting and self._pool.available():
             seq = self._waiting.pop(0)
+            if self._sibling_prefilling(seq):
+                deferred.append(seq)
+                continue
             src, n = self._best_prefix(seq.tokens)
             if n > 0 and src in self._pool.cached:
                 # A finished sequence's slot: take it over in place; positions past n get overwritten.
@@ -266,6 +273,17 @@ class Engine:
             seq.stream.reused_prefix = n
             self.stats.prefill_tokens_saved += n
             self._live[seq.seq_id] = seq
+        self._waiting[:0] = deferred
+
+    def _sibling_prefilling(self, seq: _Seq) -> bool:
+        """A live sequence still prefilling a prefix we share (FB and AB of one turn start together):
+        wait for its keys/values and copy them, rather than computing the same prefix twice."""
+        for other in self._live.values():
+            if other.kv_len < len(other.tokens) - 1:
+                shared = common_prefix(other.tokens, seq.tokens)
+                if shared - other.kv_len >= MIN_SHARED_PREFILL:
+                    return True
+        return False
 
     def _best_prefix(self, tokens: list[int]) -> tuple[int, int]:
         """The slot sharing the longest computed prefix with `tokens` (at least one token left to run)."""

@@ -109,6 +109,7 @@ class MindPacer:
             while (event := await self._out.get()) is not None:
                 yield event
             reply, thought_text = speaker.result()
+            self.stats.thought_tokens = len(thought.ids)
             yield PacerDone(reply, thought_text, self.stats)
         finally:
             self.cancel()

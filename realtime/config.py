@@ -87,6 +87,8 @@ class MindConfig:
     thinking_prompt: str = "Think step by step inside <think></think>, then answer."
     # Start the formulation brain on partial transcripts while the user is still speaking.
     think_while_listening: bool = True
+    # Start the reply on the speculative transcript during the VAD's silence window (see realtime/prefetch.py).
+    prefetch_reply: bool = True
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from realtime.playback import PlaybackClock
 from tts.chunker import SentenceChunker
 
 if TYPE_CHECKING:
+    from realtime.prefetch import Prefetch
     from realtime.session import Session
     from realtime.session_settings import SessionSettings
 
@@ -70,13 +71,14 @@ class ResponseOptions:
 
 
 class Response:
-    def __init__(self, session: Session, options: ResponseOptions) -> None:
+    def __init__(self, session: Session, options: ResponseOptions, prefetch: Prefetch | None = None) -> None:
         self.session = session
         self.options = options
+        self.prefetch = prefetch
         self.id = ev.new_id("resp")
         self.item = Item(id=ev.new_id("item"), role="assistant", audio="audio" in options.modalities,
                          status="in_progress")
-        self.playback = PlaybackClock()
+        self.playback = prefetch.playback if prefetch is not None else PlaybackClock()
         self.done = False
         self.status = "in_progress"
         self.status_reason: str | None = None
@@ -133,10 +135,14 @@ class Response:
         llm = rt.config.llm
         if opts.max_output_tokens is not None:
             llm = dataclasses.replace(llm, max_reply_tokens=min(llm.max_reply_tokens, opts.max_output_tokens))
-        self._pacer = MindPacer(rt.engine, rt.prompts, rt.config.mind, llm, opts.pacing, s.id,
-                                audio_ahead_ms=self.playback.ahead_ms)
-        conv = self._conversation_ids(self._pacer.thinking)
-        async for event in self._pacer.run(conv):
+        if self.prefetch is not None:
+            self._pacer = self.prefetch.pacer
+            source = self.prefetch.events()
+            self.metrics["prefetched"] = True
+        else:
+            self._pacer = self.session.new_pacer(opts.pacing, self.playback, llm)
+            source = self._pacer.run(self._conversation_ids(self._pacer.thinking))
+        async for event in source:
             if isinstance(event, ThoughtDelta):
                 self._mark("fb_first_token_ms")
                 s.emit(ev.ThoughtDelta(response_id=self.id, item_id=self.item.id, delta=event.text))
@@ -151,6 +157,10 @@ class Response:
             elif isinstance(event, PacerDone):
                 self.item.text = event.reply
                 st = event.stats
+                if st.fb_finished is not None:
+                    self.metrics["fb_finished_ms"] = round((st.fb_finished - self._t0) * 1000, 1)
+                if st.ab_first_token is not None:
+                    self.metrics["ab_first_token_engine_ms"] = round((st.ab_first_token - self._t0) * 1000, 1)
                 self.metrics.update(fb_tokens_before_reply=st.fb_tokens_before_reply, thought_tokens=st.thought_tokens,
                                     reply_tokens=st.reply_tokens, ab_segments=st.ab_segments,
                                     prefill_reused=st.prefill_reused)
@@ -158,16 +168,8 @@ class Response:
             await speech.finish()
 
     def _conversation_ids(self, thinking: bool) -> list[int]:
-        """The prompt, dropping the oldest messages until the turn fits the model's cache."""
-        rt = self.session.rt
         # This response's own item is already in the history, still empty, and messages() skips it.
-        messages = self.session.history.messages()
-        reserve = rt.config.llm.max_reply_tokens + (rt.config.mind.max_thought_tokens if thinking else 0) + 16
-        while True:
-            ids = rt.prompts.conversation(messages, self.options.instructions, thinking)
-            if len(ids) + reserve <= rt.config.llm.max_seq_len or len(messages) <= 1:
-                return ids[-(rt.config.llm.max_seq_len - reserve):]
-            messages = messages[1:]
+        return self.session.conversation_ids(self.session.history.messages(), self.options.instructions, thinking)
 
     # ---- finishing ----------------------------------------------------------------------------
     def _part(self) -> dict[str, Any]:

@@ -16,9 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import numpy as np
+
 from brains.backends.loader import load_decoder
 from brains.backends.torch_backend import TorchBackend
-from brains.engine import Engine
+from brains.engine import Engine, GenerationRequest
 from brains.prompts import PromptBuilder
 from brains.scheduler import SchedulerConfig
 from realtime.config import DuetConfig
@@ -64,6 +66,16 @@ class Runtime:
         engine.start()
         log.info("runtime ready in %.1fs", time.perf_counter() - t0)
         return runtime
+
+    async def warm(self) -> None:
+        """Prefill both system-prompt variants once, so the first turn of every session finds them in the
+        engine's prefix cache, and run each model once so lazy initialisation is off the first turn."""
+        for thinking in (False, True):
+            prompt = self.prompts.conversation([], None, thinking)
+            async for _ in self.engine.submit(GenerationRequest(prompt=prompt, max_new_tokens=1)):
+                pass
+        await self.run_in(self.asr_pool, self.listener.transcribe, np.zeros(16000, dtype=np.float32))
+        await self.run_in(self.tts_pool, self.synthesizer.synthesize, "Ready.")
 
     async def run_in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)

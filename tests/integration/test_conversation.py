@@ -1,0 +1,68 @@
+"""End to end with the real bundled models: a spoken question in, a spoken answer out."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from clients.talk import talk
+
+pytestmark = pytest.mark.integration
+
+
+async def ask(url: str, audio: np.ndarray, tmp_path: Any, name: str, **kw: Any) -> tuple[dict[str, Any], np.ndarray]:
+    from clients.talk import read_wav
+
+    out = tmp_path / f"{name}.wav"
+    result = await talk(audio, url, out=out, timeout_s=90, **kw)
+    return result, read_wav(out)
+
+
+async def test_spoken_question_gets_spoken_answer_about_paris(url, judge, speak, tmp_path) -> None:
+    result, reply = await ask(url, speak("What is the capital of France?"), tmp_path, "paris")
+    assert result["errors"] == []
+    assert "capital" in result["user_transcript"].lower() and "france" in result["user_transcript"].lower()
+    assert result["reply_audio_s"] > 0.5
+    assert "paris" in judge(reply), result
+    # Every stage timestamp of the turn is reported, in order.
+    m = result["server_metrics"]
+    assert m["status"] == "completed"
+    assert m["ab_first_token_ms"] <= m["first_audio_synthesized_ms"] <= m["first_audio_sent_ms"]
+    assert result["voice_to_voice_ms"] is not None and result["voice_to_voice_ms"] > 0
+
+
+async def test_two_concurrent_sessions_each_get_their_own_answer(url, judge, speak, tmp_path) -> None:
+    (r1, a1), (r2, a2) = await asyncio.gather(
+        ask(url, speak("What is the capital of France?"), tmp_path, "s1"),
+        ask(url, speak("How many legs does a spider have?"), tmp_path, "s2"),
+    )
+    assert "france" in r1["user_transcript"].lower() and "spider" in r2["user_transcript"].lower()
+    assert r1["errors"] == [] and r2["errors"] == []
+    assert len(a1) > 12000 and len(a2) > 12000
+    assert "paris" in judge(a1)
+    assert "spider" not in r1["reply_transcript"].lower() and "paris" not in r2["reply_transcript"].lower()
+
+
+@pytest.mark.parametrize("mode", ["nothink", "speak-first", "think-first", "tbs"])
+async def test_every_pacing_mode_answers_end_to_end(url, runtime, speak, tmp_path, mode) -> None:
+    result, _ = await ask(url, speak("What is the capital of France?"), tmp_path, mode, pacing=mode)
+    m = result["server_metrics"]
+    assert m["pacing"] == mode and m["status"] == "completed"
+    assert result["reply_audio_s"] > 0.3 and result["reply_transcript"]
+    if mode == "nothink":
+        assert result["thought"] == "" and m["thought_tokens"] == 0
+    else:
+        assert result["thought"], "the formulation brain's reasoning is streamed to the client"
+    if mode == "speak-first":
+        # The AB speaks before the FB has finished its thought.
+        assert m["fb_tokens_before_reply"] < m["thought_tokens"] or m.get("fb_finished_ms") is None
+        assert m.get("fb_finished_ms") is None or m["ab_first_token_engine_ms"] < m["fb_finished_ms"]
+    if mode == "tbs":
+        # Think fully, then speak: nothing is said before the thought ends.
+        assert m["fb_finished_ms"] <= m["ab_first_token_engine_ms"]
+        assert m["fb_tokens_before_reply"] == m["thought_tokens"]
+    if mode == "think-first":
+        assert m["fb_tokens_before_reply"] >= min(m["thought_tokens"], runtime.config.mind.thought_segment_tokens)
