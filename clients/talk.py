@@ -19,6 +19,8 @@ import numpy as np
 import soxr
 from websockets.asyncio.client import ClientConnection, connect
 
+from realtime.playback import PlaybackClock
+
 RATE = 24000
 CHUNK_MS = 20
 
@@ -63,6 +65,7 @@ class _Collector:
         self.errors: list[dict[str, Any]] = []
         self.done = asyncio.Event()
         self.speech_stopped_at: float | None = None
+        self.playback = PlaybackClock()  # the listener's 1x playback, to count audible gaps
 
     def feed(self, event: dict[str, Any]) -> None:
         now = time.perf_counter()
@@ -73,6 +76,7 @@ class _Collector:
                 self.first_audio_at = now
             pcm = np.frombuffer(base64.b64decode(event["delta"]), dtype="<i2")
             self.audio.append(pcm.astype(np.float32) / 32768.0)
+            self.playback.add(len(pcm) * 1000.0 / RATE, now)
         elif kind in ("response.output_audio_transcript.delta", "response.audio_transcript.delta",
                       "response.output_text.delta", "response.text.delta"):
             self.reply += event["delta"]
@@ -152,6 +156,7 @@ async def talk(wav: str | Path | np.ndarray, url: str, out: str | Path | None = 
         "thought": sink.thought.strip(),
         "reply_audio_s": round(len(reply_audio) / RATE, 2),
         "voice_to_voice_ms": v2v,
+        "underruns": sink.playback.underruns,
         "speech_stopped_after_ms": vad_wait,
         "server_metrics": sink.metrics,
         "errors": sink.errors,

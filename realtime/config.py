@@ -61,6 +61,8 @@ class LlmConfig:
     backend: Literal["torch"] = "torch"
     device: str = "cpu"
     dtype: str = "float32"
+    # "int8": per-channel int8 projections on CPU (4x fewer weight bytes per token; brains/backends/int8.py).
+    quantize: Literal["none", "int8"] = "none"
     threads: int = 2
     # KV cache slots preallocated per process; sequences of all sessions share them.
     max_slots: int = 16

@@ -225,6 +225,7 @@ class _Speech:
 
     def push(self, text: str) -> None:
         for chunk in self.chunker.push(text):
+            self.r.session.log.debug("chunk ready %r at %.0f ms", chunk, (time.perf_counter() - self.r._t0) * 1000)
             self.queue.put_nowait(chunk)
 
     async def finish(self) -> None:
@@ -241,7 +242,11 @@ class _Speech:
         s = r.session
         synth = s.rt.synthesizer
         while (chunk := await self.queue.get()) is not None:
+            t0 = time.perf_counter()
             wav = await s.rt.run_in(s.rt.tts_pool, synth.synthesize, chunk)
+            s.log.debug("synthesized %r: %.0f ms of audio in %.0f ms (%.0f ms after commit)", chunk,
+                        len(wav) * 1000 / synth.sample_rate, (time.perf_counter() - t0) * 1000,
+                        (time.perf_counter() - r._t0) * 1000)
             if not len(wav):
                 continue
             r._mark("first_audio_synthesized_ms")

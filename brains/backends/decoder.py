@@ -98,6 +98,13 @@ class KVCache:
         return self.k.numel() * self.k.element_size() * 2
 
 
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """A projection: a float weight tensor, or a callable packed weight (see brains/backends/int8.py)."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, b)
+    return w(x)  # type: ignore[operator,no-any-return]
+
+
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
@@ -210,7 +217,7 @@ class DecoderLM:
         q_size, kv_size = s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
         for li, w in enumerate(self.layers):
             h = _rms(x, w.ln1, s.rms_eps)
-            qkv = F.linear(h, w.wqkv, w.bqkv)
+            qkv = _linear(h, w.wqkv, w.bqkv)
             q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
             q = q.view(B, T, s.n_heads, s.head_dim)
             k = k.view(B, T, s.n_kv_heads, s.head_dim)
@@ -226,10 +233,10 @@ class DecoderLM:
             keys = cache.k[li][slots, :, :L]
             values = cache.v[li][slots, :, :L]
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-            x = x + F.linear(attn.transpose(1, 2).reshape(B, T, q_size), w.wo)
+            x = x + _linear(attn.transpose(1, 2).reshape(B, T, q_size), w.wo)
             h = _rms(x, w.ln2, s.rms_eps)
-            gate, up = F.linear(h, w.w_gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w.w_down)
+            gate, up = _linear(h, w.w_gate_up).chunk(2, dim=-1)
+            x = x + _linear(F.silu(gate) * up, w.w_down)
         if last_only:
             x = x[:, -1]
-        return F.linear(_rms(x, self.norm, s.rms_eps), self.lm_head).float()
+        return _linear(_rms(x, self.norm, s.rms_eps), self.lm_head).float()

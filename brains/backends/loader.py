@@ -70,6 +70,11 @@ def load_decoder(cfg: LlmConfig) -> tuple[DecoderLM, Any]:
     tokenizer = load_tokenizer(cfg)
     hf = load_hf_model(cfg)
     decoder = DecoderLM.from_hf(hf, max_len=cfg.max_seq_len, device=cfg.device, dtype=torch_dtype(cfg.dtype))
+    del hf
+    if cfg.quantize == "int8":
+        from brains.backends.int8 import quantize_int8
+
+        quantize_int8(decoder)
     log.info("loaded %s: %d layers, d=%d, on %s/%s", cfg.model, decoder.spec.n_layers, decoder.spec.d_model,
              cfg.device, cfg.dtype)
     return decoder, tokenizer
