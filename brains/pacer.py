@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from realtime.config import LlmConfig, MindConfig, PacingMode
 log = logging.getLogger(__name__)
 
 SENTENCE_END = (".", "!", "?")
+TAG = re.compile(r"</?[A-Za-z_]+>")
+PARTIAL_TAG = re.compile(r"</?[A-Za-z_]*$")
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,7 @@ class MindPacer:
     # ---- articulation brain -------------------------------------------------------------------
     async def _articulate(self, conversation: list[int], thought: _Thought) -> tuple[str, str]:
         reply = IncrementalText(self.prompts)
+        sent = 0  # characters of reply.text already handed out as deltas
         if self.mode == "think-first":
             await self._wait(thought, lambda: thought.segments >= 1 or thought.done)
         elif self.mode == "tbs":
@@ -168,6 +172,7 @@ class MindPacer:
             final = not self.thinking or thought.done
             limit = budget if final else min(budget, self.mind.reply_segment_tokens)
             seen_segments = thought.segments
+            ended = False
             prompt = self.prompts.ab_prompt(conversation, used, reply.ids)
             stream = self._submit(prompt, limit, "ab")
             self.stats.ab_segments += 1
@@ -178,9 +183,22 @@ class MindPacer:
                         self.stats.ab_first_token = time.perf_counter()
                         self.stats.fb_tokens_before_reply = len(thought.ids)
                     produced += len(ids)
-                    delta = reply.push(ids)
-                    if delta:
-                        self._out.put_nowait(ReplyDelta(delta))
+                    reply.push(ids)
+                    tag = TAG.search(reply.text)
+                    if tag is not None:
+                        # The AB opened or closed a tag ("</think>", "<step>"): its reply is over, and none
+                        # of that markup may reach the listener.
+                        reply.text = reply.text[: tag.start()]
+                        ended = True
+                    # Hold back a trailing "<..." until we know whether it starts a tag.
+                    pending = PARTIAL_TAG.search(reply.text)
+                    safe = pending.start() if pending is not None and not ended else len(reply.text)
+                    if safe > sent:
+                        self._out.put_nowait(ReplyDelta(reply.text[sent:safe]))
+                        sent = safe
+                    if ended:
+                        stream.cancel()
+                        break
                     # New thought arrived: end this segment at a sentence boundary and re-prompt with it.
                     if (not final and (thought.segments > seen_segments or thought.done)
                             and reply.text.rstrip().endswith(SENTENCE_END)):
@@ -191,7 +209,7 @@ class MindPacer:
                 self.stats.prefill_reused += stream.reused_prefix
             budget -= produced
             self.stats.reply_tokens = len(reply.ids)
-            if stream.finish is not None and stream.finish.reason == "stop":
+            if ended or (stream.finish is not None and stream.finish.reason == "stop"):
                 break  # the AB ended its reply
             if produced == 0 and final:
                 break

@@ -63,6 +63,7 @@ class _Collector:
         self.thought = ""
         self.metrics: dict[str, Any] = {}
         self.errors: list[dict[str, Any]] = []
+        self.partials: list[str] = []  # partial transcripts received while the user was still speaking
         self.done = asyncio.Event()
         self.speech_stopped_at: float | None = None
         self.playback = PlaybackClock()  # the listener's 1x playback, to count audible gaps
@@ -82,6 +83,9 @@ class _Collector:
             self.reply += event["delta"]
         elif kind == "duet.thought.delta":
             self.thought += event["delta"]
+        elif kind == "duet.input_transcript.partial":
+            if self.speech_stopped_at is None:
+                self.partials.append(event["transcript"])
         elif kind == "conversation.item.input_audio_transcription.completed":
             self.user_transcript = event["transcript"]
         elif kind == "input_audio_buffer.speech_stopped":
@@ -136,7 +140,7 @@ async def talk(wav: str | Path | np.ndarray, url: str, out: str | Path | None = 
         await _expect(ws, "session.created")
         update: dict[str, Any] = {"type": "realtime", **(session or {})}
         if pacing:
-            update["duet"] = {"pacing": pacing}
+            update["duet"] = {**update.get("duet", {}), "pacing": pacing}
         await ws.send(json.dumps({"type": "session.update", "session": update}))
         await _expect(ws, "session.updated")
         sink = _Collector()
@@ -154,6 +158,7 @@ async def talk(wav: str | Path | np.ndarray, url: str, out: str | Path | None = 
         "user_transcript": sink.user_transcript,
         "reply_transcript": sink.reply.strip(),
         "thought": sink.thought.strip(),
+        "partial_transcripts": sink.partials,
         "reply_audio_s": round(len(reply_audio) / RATE, 2),
         "voice_to_voice_ms": v2v,
         "underruns": sink.playback.underruns,

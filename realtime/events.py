@@ -184,6 +184,13 @@ class TranscriptionCompleted(ServerEvent, kw_only=True, tag="conversation.item.i
     transcript: str
 
 
+class PartialTranscript(ServerEvent, kw_only=True, tag="duet.input_transcript.partial"):
+    """The user's words so far, while they are still speaking (a Duet extension; revised, not appended)."""
+
+    item_id: str
+    transcript: str
+
+
 class ResponseCreated(ServerEvent, kw_only=True, tag="response.created"):
     response: dict[str, Any]
 

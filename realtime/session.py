@@ -203,20 +203,19 @@ class Session:
             self._pending_item = ev.new_id("item")
             self._drop_speculation()
             self.emit(ev.SpeechStarted(audio_start_ms=event.audio_start_ms, item_id=self._pending_item))
+            if self.settings.partial_transcripts_ms > 0:
+                self._spawn(self._listen(self._pending_item), "listen")
             td = self.settings.turn_detection
             if self.response is not None and not self.response.done and td and td.interrupt_response:
                 self.response.cancel("turn_detected")
         elif isinstance(event, SilenceStarted) and snapshot is not None:
             # Transcribe while the silence window runs: if the user stays quiet, the transcript is
             # ready (or nearly) when the turn is confirmed, taking ASR off the critical path.
-            self._drop_speculation()
             fut = asyncio.ensure_future(self.rt.run_in(self.rt.asr_pool, self.rt.listener.transcribe, snapshot))
             self._speculative = fut
-            td = self.settings.turn_detection
-            if td is not None and td.create_response and self.rt.config.mind.prefetch_reply:
-                self._spawn(self._prefetch_when_transcribed(fut), "prefetch")
+            self._spawn(self._prefetch_when_transcribed(fut), "prefetch")
         elif isinstance(event, SpeechResumed):
-            self._drop_speculation()
+            self._speculative = None
         elif isinstance(event, SpeechStopped):
             item_id = self._pending_item or ev.new_id("item")
             self._pending_item = None
@@ -233,9 +232,38 @@ class Session:
 
     async def _prefetch_when_transcribed(self, fut: asyncio.Future[str]) -> None:
         text = await fut
-        if self._speculative is not fut or not text.strip():
-            return  # the user spoke again, or the turn already ended and took the normal path
+        if self._speculative is fut:  # else the user spoke again, or the turn already took the normal path
+            self._prefetch_on(text)
+
+    async def _listen(self, item_id: str) -> None:
+        """Partial transcripts while the user speaks; with think_while_listening, brains start on them."""
+        interval = self.settings.partial_transcripts_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            if self._pending_item != item_id:
+                return
+            audio = await self.rt.run_in(self.rt.vad_pool, self.segmenter.current_turn_audio)
+            if len(audio) < VAD_RATE // 2:
+                continue
+            text = await self.rt.run_in(self.rt.asr_pool, self.rt.listener.transcribe, audio)
+            if self._pending_item != item_id:
+                return
+            if text.strip():
+                self.emit(ev.PartialTranscript(item_id=item_id, transcript=text))
+                if self.settings.think_while_listening:
+                    self._prefetch_on(text)
+
+    def _prefetch_on(self, text: str) -> None:
+        """(Re)start the brains on a speculative transcript; an unchanged transcript keeps them running.
+        A restart is cheap: the engine reuses the cached prefix (system prompt, history, shared words)."""
+        td = self.settings.turn_detection
+        if td is None or not td.create_response or not self.rt.config.mind.prefetch_reply or not text.strip():
+            return
         messages = [*self.history.messages(), ChatMessage("user", text)]
+        if self._prefetch is not None:
+            if self._prefetch.matches(text, messages):
+                return
+            self._prefetch.cancel()
         options = ResponseOptions.parse({}, self.settings)
         playback = PlaybackClock()
         pacer = self.new_pacer(options.pacing, playback, self.rt.config.llm)

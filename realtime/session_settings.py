@@ -48,13 +48,17 @@ class SessionSettings:
     max_output_tokens: int | str = "inf"
     tools: list[dict[str, Any]] = field(default_factory=list)
     pacing: PacingMode = "speak-first"
+    # Partial transcripts while the user speaks (0 = off), and brains started on them (think while listening).
+    partial_transcripts_ms: int = 0
+    think_while_listening: bool = False
     beta: bool = False  # answer with the beta shape and event names
     updated: bool = False  # has the client sent session.update yet
 
     @classmethod
     def from_config(cls, cfg: DuetConfig, beta: bool = False) -> SessionSettings:
         v = cfg.vad
-        return cls(pacing=cfg.mind.mode, beta=beta, turn_detection=TurnDetection(
+        return cls(pacing=cfg.mind.mode, beta=beta, partial_transcripts_ms=cfg.asr.partial_interval_ms,
+                   think_while_listening=cfg.mind.think_while_listening, turn_detection=TurnDetection(
             threshold=v.threshold, prefix_padding_ms=v.prefix_padding_ms, silence_duration_ms=v.silence_duration_ms))
 
     @property
@@ -128,6 +132,13 @@ class SessionSettings:
             if duet["pacing"] not in PACING_MODES:
                 raise ValueError(f"duet.pacing must be one of {PACING_MODES}")
             self.pacing = duet["pacing"]
+        if "partial_transcripts_ms" in duet:
+            value = duet["partial_transcripts_ms"]
+            if not isinstance(value, int) or isinstance(value, bool) or not (value == 0 or 200 <= value <= 10000):
+                raise ValueError("duet.partial_transcripts_ms must be 0 (off) or 200..10000")
+            self.partial_transcripts_ms = value
+        if "think_while_listening" in duet:
+            self.think_while_listening = bool(duet["think_while_listening"])
 
     def _turn_detection(self, value: Any) -> TurnDetection | None:
         if value is None:
@@ -155,7 +166,8 @@ class SessionSettings:
         td = self.turn_detection.to_protocol() if self.turn_detection else None
         common = {"id": session_id, "object": "realtime.session", "model": self.model,
                   "instructions": self.instructions or "", "tools": self.tools,
-                  "duet": {"pacing": self.pacing}}
+                  "duet": {"pacing": self.pacing, "partial_transcripts_ms": self.partial_transcripts_ms,
+                           "think_while_listening": self.think_while_listening}}
         if self.beta:
             return {**common, "modalities": self.modalities, "voice": self.voice,
                     "input_audio_format": format_to_beta(self.input_format),

@@ -66,3 +66,13 @@ async def test_every_pacing_mode_answers_end_to_end(url, runtime, speak, tmp_pat
         assert m["fb_tokens_before_reply"] == m["thought_tokens"]
     if mode == "think-first":
         assert m["fb_tokens_before_reply"] >= min(m["thought_tokens"], runtime.config.mind.thought_segment_tokens)
+
+
+async def test_think_while_listening_streams_partials_and_still_answers(url, speak, tmp_path) -> None:
+    question = speak("Could you please tell me, in a few words, what the capital city of France is?")
+    result, reply = await ask(url, question, tmp_path, "listening", pacing="think-first",
+                              session={"duet": {"partial_transcripts_ms": 400, "think_while_listening": True}})
+    assert result["partial_transcripts"], "partial transcripts arrive while the user is still speaking"
+    assert any("capital" in p.lower() or "france" in p.lower() for p in result["partial_transcripts"])
+    assert result["errors"] == [] and result["server_metrics"]["status"] == "completed"
+    assert len(reply) > 0 and result["reply_transcript"]
