@@ -25,12 +25,20 @@ class Int8Linear:
         with warnings.catch_warnings():  # quantized tensor constructors are marked deprecated in torch 2.13
             warnings.simplefilter("ignore")
             q = torch.quantize_per_channel(w, scale, zero, 0, torch.qint8)
-        self.packed = torch.ops.quantized.linear_prepack(q, None if bias is None else bias.float())
+        self.packed = torch.ops.quantized.linear_prepack(q, None)
+        self.bias = None if bias is None else bias.detach().float()
         self.out_features = w.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]).float().contiguous(), self.packed)
+        rows = x.reshape(-1, x.shape[-1]).float()
+        # fbgemm quantizes activations with one scale per call. In a prefill, a few tokens carry huge
+        # activations (attention sinks) and would crush every other row to zero, so give each row its own
+        # scale: W(x) = s * W(x / s) for a linear map.
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-6)
+        y = torch.ops.quantized.linear_dynamic((rows / scale).contiguous(), self.packed) * scale
+        if self.bias is not None:
+            y = y + self.bias
         return y.reshape(*lead, self.out_features)
 
 
