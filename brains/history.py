@@ -33,8 +33,11 @@ class Item:
             part = {"type": "audio" if beta else "output_audio", "transcript": self.text}
         else:
             part = {"type": "text" if beta else "output_text", "text": self.text}
-        return {"id": self.id, "object": "realtime.item", "type": "message", "status": self.status,
+        item = {"id": self.id, "object": "realtime.item", "type": "message", "status": self.status,
                 "role": self.role, "content": [part]}
+        if self.thought:
+            item["duet"] = {"thought": self.thought}  # visible reasoning, ignored by standard clients
+        return item
 
 
 class Conversation:

@@ -134,11 +134,16 @@ async def _expect(ws: ClientConnection, kind: str, timeout_s: float = 30.0) -> d
 
 
 async def talk(wav: str | Path | np.ndarray, url: str, out: str | Path | None = None, pacing: str | None = None,
-               tail_s: float = 1.5, timeout_s: float = 60.0, session: dict[str, Any] | None = None) -> dict[str, Any]:
+               tail_s: float = 1.5, timeout_s: float = 60.0, session: dict[str, Any] | None = None,
+               beta: bool = False) -> dict[str, Any]:
+    """`beta`: speak the beta protocol (OpenAI-Beta header, beta session shape and event names)."""
     audio = wav if isinstance(wav, np.ndarray) else read_wav(wav)
-    async with connect(url, max_size=None) as ws:
+    headers = {"OpenAI-Beta": "realtime=v1"} if beta else None
+    async with connect(url, max_size=None, additional_headers=headers) as ws:
         await _expect(ws, "session.created")
-        update: dict[str, Any] = {"type": "realtime", **(session or {})}
+        shape: dict[str, Any] = {"modalities": ["audio", "text"], "input_audio_format": "pcm16",
+                                 "output_audio_format": "pcm16"} if beta else {"type": "realtime"}
+        update: dict[str, Any] = {**shape, **(session or {})}
         if pacing:
             update["duet"] = {**update.get("duet", {}), "pacing": pacing}
         await ws.send(json.dumps({"type": "session.update", "session": update}))
@@ -165,5 +170,6 @@ async def talk(wav: str | Path | np.ndarray, url: str, out: str | Path | None = 
         "speech_stopped_after_ms": vad_wait,
         "server_metrics": sink.metrics,
         "errors": sink.errors,
+        "event_types": sorted({e.get("type", "") for e in sink.events}),
         "out": str(out) if out is not None else None,
     }

@@ -76,3 +76,12 @@ async def test_think_while_listening_streams_partials_and_still_answers(url, spe
     assert any("capital" in p.lower() or "france" in p.lower() for p in result["partial_transcripts"])
     assert result["errors"] == [] and result["server_metrics"]["status"] == "completed"
     assert len(reply) > 0 and result["reply_transcript"]
+
+
+async def test_beta_clients_get_beta_event_names(url, speak, tmp_path) -> None:
+    result, reply = await ask(url, speak("What is the capital of France?"), tmp_path, "beta", beta=True,
+                              pacing="nothink")
+    kinds = set(result["event_types"])
+    assert {"response.audio.delta", "response.audio_transcript.delta", "response.audio.done"} <= kinds
+    assert not {k for k in kinds if k.startswith("response.output_audio")}
+    assert len(reply) > 0 and result["reply_transcript"]
