@@ -170,6 +170,9 @@ class Engine:
         self._pool = SlotPool(backend.slots)
         self._thread: threading.Thread | None = None
         self._step = 0
+        # Service order for fairness: a strict sequence, so sequences served in the same step don't tie and
+        # the least recently served one really goes first next time (exact round robin).
+        self._served = itertools.count()
         self._closed = False
 
     # ---- loop side ----------------------------------------------------------------------------
@@ -314,12 +317,14 @@ class Engine:
             chunk = seq.tokens[seq.kv_len: seq.kv_len + n]
             self._forward([seq], [chunk], prefill=True)
             seq.kv_len += len(chunk)
-            seq.last_step = self._step
+            seq.last_step = next(self._served)
             self.stats.prefill_tokens += len(chunk)
         decode = list(plan.decode)
         # A prompt whose prefill just completed decodes in the same step: its first token comes a step
         # sooner, and it shares the batched forward rather than costing one of its own.
-        decode += [i for i, _ in plan.prefill if self._live[i].kv_len == len(self._live[i].tokens) - 1]
+        for i, _ in plan.prefill:
+            if len(decode) < self.cfg.max_batch and self._live[i].kv_len == len(self._live[i].tokens) - 1:
+                decode.append(i)
         if decode:
             seqs = [self._live[i] for i in decode]
             logits = self._forward(seqs, [[s.tokens[s.kv_len]] for s in seqs], prefill=False)
@@ -327,7 +332,7 @@ class Engine:
             self.stats.max_batch = max(self.stats.max_batch, len(seqs))
             for row, seq in enumerate(seqs):
                 seq.kv_len += 1
-                seq.last_step = self._step
+                seq.last_step = next(self._served)
                 self._accept(seq, self._sample(logits[row], seq.req.temperature))
 
     def _forward(self, seqs: list[_Seq], chunks: list[list[int]], prefill: bool) -> torch.Tensor:

@@ -89,12 +89,15 @@ class MindPacer:
         self._streams: set[TokenStream] = set()
         self._out: asyncio.Queue[PacerEvent | None] = asyncio.Queue()
         self.stats = TurnStats(mode=mode)
+        self.cancelled = False
 
     @property
     def thinking(self) -> bool:
         return self.mode != "nothink"
 
     def cancel(self) -> None:
+        """End the turn: no brain submits anything more, and the running streams stop."""
+        self.cancelled = True
         for stream in list(self._streams):
             stream.cancel()
 
@@ -108,12 +111,15 @@ class MindPacer:
         speaker = asyncio.create_task(self._articulate(conversation, thought))
         tasks.append(speaker)
         speaker.add_done_callback(lambda _: self._out.put_nowait(None))
+        streamed_thought = ""  # what the client saw, which PacerDone must agree with
         try:
             while (event := await self._out.get()) is not None:
+                if isinstance(event, ThoughtDelta):
+                    streamed_thought += event.text
                 yield event
-            reply, thought_text = speaker.result()
+            reply, _ = speaker.result()
             self.stats.thought_tokens = len(thought.ids)
-            yield PacerDone(reply, thought_text, self.stats)
+            yield PacerDone(reply, streamed_thought.strip(), self.stats, cancelled=self.cancelled)
         finally:
             self.cancel()
             for task in tasks:
@@ -131,6 +137,10 @@ class MindPacer:
 
     # ---- formulation brain --------------------------------------------------------------------
     async def _formulate(self, conversation: list[int], thought: _Thought) -> None:
+        if self.cancelled:
+            thought.done = True
+            thought.changed.set()
+            return
         stream = self._submit(self.prompts.fb_prompt(conversation), self.mind.max_thought_tokens, "fb")
         text = IncrementalText(self.prompts)
         seg = self.mind.thought_segment_tokens
@@ -167,7 +177,7 @@ class MindPacer:
         elif self.mode == "tbs":
             await self._wait(thought, lambda: thought.done)
         budget = self.llm.max_reply_tokens
-        while budget > 0:
+        while budget > 0 and not self.cancelled:
             used = list(thought.ids) if self.thinking else None
             final = not self.thinking or thought.done
             limit = budget if final else min(budget, self.mind.reply_segment_tokens)
@@ -209,7 +219,7 @@ class MindPacer:
                 self.stats.prefill_reused += stream.reused_prefix
             budget -= produced
             self.stats.reply_tokens = len(reply.ids)
-            if ended or (stream.finish is not None and stream.finish.reason == "stop"):
+            if self.cancelled or ended or (stream.finish is not None and stream.finish.reason == "stop"):
                 break  # the AB ended its reply
             if produced == 0 and final:
                 break

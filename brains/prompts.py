@@ -80,13 +80,14 @@ class PromptBuilder:
         """Where the thought ends if the FB has closed it (index into `thought`), else None."""
         if self.think_end_id is not None:
             return thought.index(self.think_end_id) if self.think_end_id in thought else None
-        if "</think" not in self.decode(thought[-8:]):
+        if "</think" not in self.decode(thought[-16:]):
             return None
-        # Drop the tokens that spell the closing tag: the AB prompt adds its own think_close.
-        end = len(thought)
-        while end > 0 and "</think" in self.decode(thought[:end]):
-            end -= 1
-        return end
+        # The first token from which the text spells the closing tag: the thought ends before it, so the
+        # AB prompt carries no fragment of the tag next to its own think_close.
+        start = len(thought) - 1
+        while start > 0 and "</think" not in self.decode(thought[start:]):
+            start -= 1
+        return start
 
 
 class IncrementalText:

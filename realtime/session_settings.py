@@ -111,6 +111,8 @@ class SessionSettings:
             self.input_format = parse_audio_format(inp["format"])
         if "turn_detection" in inp:
             self.turn_detection = self._turn_detection(inp["turn_detection"])
+        if isinstance(inp.get("transcription"), dict):
+            self.transcription_model = str(inp["transcription"].get("model", self.transcription_model))
         if "format" in out:
             self.output_format = parse_audio_format(out["format"])
         if "voice" in out:
@@ -120,7 +122,7 @@ class SessionSettings:
         for key in ("max_response_output_tokens", "max_output_tokens"):
             if key in u:
                 value = u[key]
-                if value != "inf" and (not isinstance(value, int) or value < 1):
+                if value != "inf" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                     raise ValueError(f"{key} must be a positive integer or 'inf'")
                 self.max_output_tokens = value
         if "tools" in u:
@@ -138,7 +140,9 @@ class SessionSettings:
                 raise ValueError("duet.partial_transcripts_ms must be 0 (off) or 200..10000")
             self.partial_transcripts_ms = value
         if "think_while_listening" in duet:
-            self.think_while_listening = bool(duet["think_while_listening"])
+            if not isinstance(duet["think_while_listening"], bool):
+                raise ValueError("duet.think_while_listening must be true or false")
+            self.think_while_listening = duet["think_while_listening"]
 
     def _turn_detection(self, value: Any) -> TurnDetection | None:
         if value is None:
@@ -152,11 +156,13 @@ class SessionSettings:
         threshold = float(value.get("threshold", base.threshold))
         if not 0.0 < threshold < 1.0:
             raise ValueError("turn_detection.threshold must be between 0 and 1")
+        padding = int(value.get("prefix_padding_ms", base.prefix_padding_ms))
+        silence = int(value.get("silence_duration_ms", base.silence_duration_ms))
+        if padding < 0 or silence < 0:
+            raise ValueError("turn_detection prefix_padding_ms and silence_duration_ms must not be negative")
         # semantic_vad has no timing knobs; we run it as server_vad with the session's timings.
         return TurnDetection(
-            type=kind, threshold=threshold,
-            prefix_padding_ms=int(value.get("prefix_padding_ms", base.prefix_padding_ms)),
-            silence_duration_ms=int(value.get("silence_duration_ms", base.silence_duration_ms)),
+            type=kind, threshold=threshold, prefix_padding_ms=padding, silence_duration_ms=silence,
             create_response=bool(value.get("create_response", base.create_response)),
             interrupt_response=bool(value.get("interrupt_response", base.interrupt_response)),
         )

@@ -1,0 +1,436 @@
+"""The engine thread on a fake backend: streaming, stops, batching, cancellation, prefix reuse, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from brains.engine import Engine, GenerationRequest, SlotPool, TokenStream, common_prefix
+from brains.scheduler import SchedulerConfig
+from realtime.errors import EngineError
+from tests.brains.fakes import FakeBackend, collect, first_batch, reference
+
+MakeEngine = Callable[..., tuple[Engine, FakeBackend]]
+
+DEFAULT_CFG = SchedulerConfig(token_budget=256, max_batch=64, prefill_chunk=128)
+
+
+@pytest.fixture
+def make_engine() -> Iterator[MakeEngine]:
+    made: list[tuple[Engine, FakeBackend]] = []
+
+    def make(backend: FakeBackend | None = None, cfg: SchedulerConfig = DEFAULT_CFG,
+             eos_ids: frozenset[int] = frozenset(), start: bool = True) -> tuple[Engine, FakeBackend]:
+        backend = backend or FakeBackend()
+        engine = Engine(backend, cfg, eos_ids=eos_ids)
+        made.append((engine, backend))
+        if start:
+            engine.start()
+        return engine, backend
+
+    yield make
+    for engine, backend in made:
+        backend.resume()
+        engine.close()
+        if engine._thread is not None:
+            assert not engine._thread.is_alive(), "engine thread did not stop"
+
+
+def req(prompt: list[int], max_new: int = 8, **kw: object) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, max_new_tokens=max_new, **kw)  # type: ignore[arg-type]
+
+
+async def fresh_output(prompt: list[int], max_new: int, make_engine: MakeEngine) -> list[int]:
+    """What a brand-new engine (empty cache) produces for `prompt`."""
+    engine, _ = make_engine(FakeBackend(slots=2))
+    return await collect(engine.submit(req(prompt, max_new)))
+
+
+# ---------------------------------------------------------------- helpers under test
+
+
+def test_common_prefix() -> None:
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
+    assert common_prefix([], [1]) == 0
+    assert common_prefix([5], [6]) == 0
+
+
+def test_slot_pool_reuses_cached_slots_lru() -> None:
+    pool = SlotPool(2)
+    a, b = pool.take(), pool.take()
+    assert {a, b} == {0, 1}
+    assert not pool.available()
+    pool.release(a, [1, 2])
+    pool.release(b, [3])
+    assert pool.available()
+    assert pool.take() == a  # least recently cached goes first
+    pool.release(a, [])  # nothing computed: back to the free list, not the cache
+    assert pool.free == [a]
+    assert list(pool.cached) == [b]
+
+
+# ---------------------------------------------------------------- streaming
+
+
+async def test_tokens_stream_in_order(make_engine: MakeEngine) -> None:
+    engine, backend = make_engine()
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    stream = engine.submit(req(prompt, max_new=20))
+    batches = []
+    async for batch in stream:
+        assert batch, "an empty batch was delivered"
+        batches.append(batch)
+    tokens = [t for b in batches for t in b]
+    assert tokens == reference(prompt, 20)
+    assert stream.finish is not None and stream.finish.reason == "length"
+    assert not backend.misuse
+    assert engine.stats.decode_tokens == 20
+    assert engine.stats.prefill_tokens == len(prompt) - 1
+
+
+async def test_max_new_tokens_honoured(make_engine: MakeEngine) -> None:
+    engine, _ = make_engine()
+    for n in (1, 2, 7):
+        stream = engine.submit(req([10, 20, 30], max_new=n))
+        assert await collect(stream) == reference([10, 20, 30], n)
+        assert stream.finish is not None and stream.finish.reason == "length"
+
+
+def _stop_candidate(ref: list[int]) -> int:
+    """The index of the first token that did not appear before it (so it stops exactly there)."""
+    return next(i for i in range(1, len(ref)) if ref[i] not in ref[:i])
+
+
+async def test_stop_id_ends_the_stream_and_is_not_delivered(make_engine: MakeEngine) -> None:
+    engine, _ = make_engine()
+    prompt = [7, 7, 2]
+    ref = reference(prompt, 30)
+    i = _stop_candidate(ref)
+    stream = engine.submit(req(prompt, max_new=30, stop_ids=frozenset({ref[i], 999})))
+    out = await collect(stream)
+    assert out == ref[:i]
+    assert ref[i] not in out
+    assert stream.finish is not None and stream.finish.reason == "stop"
+
+
+async def test_engine_eos_ids_stop_every_request(make_engine: MakeEngine) -> None:
+    prompt = [4, 8, 15]
+    ref = reference(prompt, 30)
+    i = _stop_candidate(ref)
+    engine, _ = make_engine(eos_ids=frozenset({ref[i]}))
+    stream = engine.submit(req(prompt, max_new=30))
+    assert await collect(stream) == ref[:i]
+    assert stream.finish is not None and stream.finish.reason == "stop"
+
+
+async def test_length_capped_by_cache_size(make_engine: MakeEngine) -> None:
+    engine, backend = make_engine(FakeBackend(slots=1, max_len=16))
+    stream = engine.submit(req([1, 2, 3, 4, 5, 6], max_new=100))
+    out = await collect(stream)
+    assert out == reference([1, 2, 3, 4, 5, 6], 10)  # 6 prompt + 10 new = max_len
+    assert stream.finish is not None and stream.finish.reason == "length"
+    assert not backend.misuse
+
+
+async def test_submit_validates_prompt(make_engine: MakeEngine) -> None:
+    engine, _ = make_engine(FakeBackend(max_len=8))
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit(req([]))
+    with pytest.raises(ValueError, match="exceeds"):
+        engine.submit(req(list(range(8))))
+    assert await collect(engine.submit(req(list(range(7)), max_new=1))) == reference(list(range(7)), 1)
+
+
+async def test_submit_after_close_raises(make_engine: MakeEngine) -> None:
+    engine, _ = make_engine()
+    engine.close()
+    with pytest.raises(EngineError):
+        engine.submit(req([1, 2]))
+
+
+# ---------------------------------------------------------------- batching
+
+
+async def test_concurrent_requests_share_batched_steps(make_engine: MakeEngine) -> None:
+    engine, backend = make_engine(FakeBackend(slots=8), start=False)
+    prompts = [[i, i + 1, i * 3 % 7] + [i] * i for i in range(6)]  # different lengths and contents
+    streams = [engine.submit(req(p, max_new=12, session_id=f"s{i}")) for i, p in enumerate(prompts)]
+    engine.start()
+    outs = await asyncio.gather(*(collect(s) for s in streams))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out == reference(prompt, 12)
+    decodes = backend.decode_calls()
+    assert max(c.batch for c in decodes) == 6
+    assert engine.stats.max_batch == 6
+    # Batched: 6 x 12 tokens in far fewer forwards than 72.
+    assert len(decodes) <= 13
+    assert not backend.misuse
+
+
+async def test_audio_deadline_orders_engine_steps(make_engine: MakeEngine) -> None:
+    """Budget of one token per step: the AB about to run dry goes first, then the FB, then the relaxed AB."""
+    cfg = SchedulerConfig(token_budget=1, max_batch=1, prefill_chunk=1, urgent_audio_ms=1500.0)
+    engine, backend = make_engine(FakeBackend(slots=4), cfg=cfg, start=False)
+    relaxed = engine.submit(req([1, 2], max_new=3, brain="ab", audio_ahead_ms=lambda: 5000.0))
+    fb = engine.submit(req([3, 4], max_new=3, brain="fb"))
+    urgent = engine.submit(req([5, 6], max_new=3, brain="ab", audio_ahead_ms=lambda: 100.0))
+    engine.start()
+    await asyncio.gather(collect(relaxed), collect(fb), collect(urgent))
+    first_token = {c.slots[0]: c.tokens[0][0] for c in reversed(backend.calls)}  # slot -> its first token
+    owner = {first_token[s]: s for s in first_token}
+    order = [c.slots[0] for c in backend.calls]
+    assert all(c.batch == 1 for c in backend.calls)
+    last = {slot: max(i for i, s in enumerate(order) if s == slot) for slot in set(order)}
+    first = {slot: min(i for i, s in enumerate(order) if s == slot) for slot in set(order)}
+    u, f, r = owner[5], owner[3], owner[1]
+    assert last[u] < first[f] and last[f] < first[r], order
+
+
+async def test_decode_batch_respects_max_batch(make_engine: MakeEngine) -> None:
+    cfg = SchedulerConfig(token_budget=256, max_batch=2, prefill_chunk=128)
+    engine, backend = make_engine(FakeBackend(slots=4), cfg=cfg, start=False)
+    prompts = [[i, i + 1, i + 2] for i in range(4)]
+    streams = [engine.submit(req(p, max_new=4)) for p in prompts]
+    engine.start()
+    outs = await asyncio.gather(*(collect(s) for s in streams))
+    assert outs == [reference(p, 4) for p in prompts]
+    assert max(c.batch for c in backend.decode_calls()) <= cfg.max_batch
+    assert engine.stats.max_batch <= cfg.max_batch
+
+
+async def test_fb_sequences_get_equal_shares(make_engine: MakeEngine) -> None:
+    """Four sessions thinking, room for three FB tokens a step: each should get ~3/4 of the steps."""
+    cfg = SchedulerConfig(token_budget=3, max_batch=64, prefill_chunk=128)
+    engine, backend = make_engine(FakeBackend(slots=4, max_len=512), cfg=cfg, start=False)
+    streams = [engine.submit(req([i + 1], max_new=400, brain="fb", session_id=f"s{i}")) for i in range(4)]
+    counts = [0] * 4
+
+    async def count(i: int, stream: TokenStream) -> None:
+        async for batch in stream:
+            counts[i] += len(batch)
+
+    backend.pause()
+    engine.start()
+    tasks = [asyncio.create_task(count(i, s)) for i, s in enumerate(streams)]
+    assert await asyncio.to_thread(backend.step, 40)
+    for s in streams:
+        s.cancel()
+    backend.resume()
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert sum(counts) >= 120
+    assert max(counts) - min(counts) <= 2, counts
+
+
+# ---------------------------------------------------------------- cancellation
+
+
+async def test_cancel_frees_the_slot_for_a_waiting_request(make_engine: MakeEngine) -> None:
+    engine, backend = make_engine(FakeBackend(slots=1), start=False)
+    backend.pause()
+    engine.start()
+    a_prompt, b_prompt = [1, 2, 3], [50, 60, 70]
+    a = engine.submit(req(a_prompt, max_new=200))
+    b = engine.submit(req(b_prompt, max_new=5))  # no slot left: waits
+    backend.allow(2)  # A's prefill and its first decode
+    got = await first_batch(a)
+    assert got == reference(a_prompt, 1)
+    assert await asyncio.to_thread(backend.wait_blocked)  # A's second decode is in progress
+    assert all(50 not in row for c in backend.calls for row in c.tokens)  # B has not run yet
+    a.cancel()
+    backend.resume()
+    rest = await collect(a)
+    assert a.finish is not None and a.finish.reason == "cancelled"
+    a_tokens = got + rest
+    assert len(a_tokens) <= 2 and a_tokens == reference(a_prompt, len(a_tokens))
+    assert await collect(b) == reference(b_prompt, 5)
+    assert b.finish is not None and b.finish.reason == "length"
+    # A ran no step after the one in progress when it was cancelled; B took the slot right away.
+    b_first = next(i for i, c in enumerate(backend.calls) if 50 in c.tokens[0])
+    assert len(backend.calls[:b_first]) == 3  # A: prefill, decode, decode
+    assert all(50 not in c.tokens[0] for c in backend.calls[:b_first])
+    assert len(backend.calls) - b_first == 1 + 5  # B alone from then on: its prefill and 5 decodes
+    assert engine.live_sequences() == 0
+
+
+async def test_cancel_a_waiting_request(make_engine: MakeEngine) -> None:
+    engine, backend = make_engine(FakeBackend(slots=1), start=False)
+    backend.pause()
+    engine.start()
+    a = engine.submit(req([1, 2, 3], max_new=6))
+    b = engine.submit(req([9, 9, 9], max_new=6))
+    b.cancel()
+    backend.resume()
+    assert await collect(b) == []
+    assert b.finish is not None and b.finish.reason == "cancelled"
+    assert await collect(a) == reference([1, 2, 3], 6)
+    assert all(9 not in row for c in backend.calls for row in c.tokens)
+
+
+async def test_cancel_after_finish_is_harmless(make_engine: MakeEngine) -> None:
+    engine, _ = make_engine()
+    a = engine.submit(req([1, 2], max_new=3))
+    await collect(a)
+    a.cancel()
+    assert await collect(engine.submit(req([2, 1], max_new=3))) == reference([2, 1], 3)
+
+
+async def test_close_cancels_in_flight_streams(make_engine: MakeEngine) -> None:
+    engine, backend = make_engine(start=False)
+    backend.pause()
+    engine.start()
+    a = engine.submit(req([1, 2, 3], max_new=200))
+    assert await asyncio.to_thread(backend.wait_blocked)
+    closer = threading.Thread(target=engine.close)
+    closer.start()
+
+    def wait_closing() -> None:
+        while not engine._closed:
+            time.sleep(0.001)
+
+    await asyncio.wait_for(asyncio.to_thread(wait_closing), 5)
+    backend.resume()
+    await asyncio.to_thread(closer.join, 10)
+    out = await collect(a)
+    assert a.finish is not None and a.finish.reason == "cancelled"
+    assert len(out) < 200
+
+
+# ---------------------------------------------------------------- prefix reuse
+
+
+async def test_prefix_reuse_from_a_finished_sequence(make_engine: MakeEngine) -> None:
+    engine, backend = make_engine(FakeBackend(slots=2))
+    prompt = [3, 1, 4, 1, 5, 9]
+    first = await collect(engine.submit(req(prompt, max_new=6)))
+    saved_before = engine.stats.prefill_tokens_saved
+    prefill_before = engine.stats.prefill_tokens
+    second_prompt = [*prompt, *first, 2, 7, 1]
+    stream = engine.submit(req(second_prompt, max_new=10))
+    out = await collect(stream)
+    # Everything the first sequence computed: its prompt and all generated tokens but the last.
+    assert stream.reused_prefix == len(prompt) + len(first) - 1
+    assert engine.stats.prefill_tokens_saved - saved_before == stream.reused_prefix
+    assert engine.stats.prefill_tokens - prefill_before == len(second_prompt) - 1 - stream.reused_prefix
+    assert out == await fresh_output(second_prompt, 10, make_engine)
+    assert out == reference(second_prompt, 10)
+    assert not backend.misuse
+
+
+async def test_prefix_reuse_from_a_live_sequence_copies_its_cache(make_engine: MakeEngine) -> None:
+    engine, backend = make_engine(FakeBackend(slots=3), start=False)
+    backend.pause()
+    engine.start()
+    prompt = [8, 6, 7, 5, 3, 0, 9]
+    a = engine.submit(req(prompt, max_new=40))
+    backend.allow(2)  # prefill + first decode
+    g1 = await first_batch(a)
+    assert await asyncio.to_thread(backend.wait_blocked)  # A's next decode is in progress
+    g2 = reference(prompt, 2)[1]
+    b_prompt = [*prompt, *g1, (g2 + 1) % backend.vocab, 11]
+    b = engine.submit(req(b_prompt, max_new=12))
+    backend.resume()
+    b_out = await collect(b)
+    a_out = g1 + await collect(a)
+    assert a_out == reference(prompt, 40)
+    assert b.reused_prefix == len(prompt) + 1
+    assert engine.stats.prefill_tokens_saved == b.reused_prefix
+    assert len(backend.copies) == 1
+    src, dst, n = backend.copies[0]
+    assert n == b.reused_prefix and src != dst
+    assert b_out == await fresh_output(b_prompt, 12, make_engine)
+    assert not backend.misuse
+
+
+async def test_sibling_sharing_a_prefix_waits_for_its_prefill(make_engine: MakeEngine) -> None:
+    """FB and AB of one turn arrive together: the second copies the first's prefix instead of computing it."""
+    cfg = SchedulerConfig(token_budget=256, max_batch=64, prefill_chunk=8)
+    engine, backend = make_engine(FakeBackend(slots=4), cfg=cfg, start=False)
+    shared = [(7 * i + 3) % 50 for i in range(60)]
+    fb_prompt, ab_prompt = [*shared, 90], [*shared, 91, 92]
+    fb = engine.submit(req(fb_prompt, max_new=6, brain="fb"))
+    ab = engine.submit(req(ab_prompt, max_new=6, brain="ab"))
+    engine.start()
+    fb_out, ab_out = await asyncio.gather(collect(fb), collect(ab))
+    assert fb_out == reference(fb_prompt, 6)
+    assert ab_out == reference(ab_prompt, 6)
+    assert ab.reused_prefix > 0
+    assert len(backend.copies) == 1 and backend.copies[0][2] == ab.reused_prefix
+    # Most of the shared prefix was computed once (the engine waits while 16 or more tokens are left).
+    assert ab.reused_prefix >= len(shared) - 16
+    assert engine.stats.prefill_tokens_saved == ab.reused_prefix
+    assert not backend.misuse
+
+
+async def test_prefix_reuse_of_a_shorter_prompt(make_engine: MakeEngine) -> None:
+    """A prompt that is a prefix of a cached sequence reuses all but its last token."""
+    engine, backend = make_engine(FakeBackend(slots=2))
+    long_prompt = [5, 4, 3, 2, 1, 0, 1, 2]
+    await collect(engine.submit(req(long_prompt, max_new=4)))
+    short = long_prompt[:5]
+    stream = engine.submit(req(short, max_new=6))
+    out = await collect(stream)
+    assert stream.reused_prefix == len(short) - 1
+    assert out == reference(short, 6)
+    assert not backend.misuse
+
+
+async def test_unrelated_prompt_reuses_nothing(make_engine: MakeEngine) -> None:
+    engine, _ = make_engine(FakeBackend(slots=2))
+    await collect(engine.submit(req([1, 2, 3, 4], max_new=4)))
+    stream = engine.submit(req([9, 8, 7], max_new=4))
+    assert await collect(stream) == reference([9, 8, 7], 4)
+    assert stream.reused_prefix == 0
+    assert engine.stats.prefill_tokens_saved == 0
+
+
+async def test_evicted_cache_is_never_reused(make_engine: MakeEngine) -> None:
+    """With one slot, each new sequence overwrites the cache; outputs must stay right."""
+    engine, backend = make_engine(FakeBackend(slots=1))
+    prompts = [[1, 2, 3, 4], [1, 2, 9, 9], [7, 7], [1, 2, 3, 4, 5]]
+    for p in prompts:
+        assert await collect(engine.submit(req(p, max_new=5))) == reference(p, 5)
+    assert not backend.misuse
+
+
+# ---------------------------------------------------------------- failures
+
+
+async def test_backend_exception_fails_in_flight_streams_and_engine_recovers(make_engine: MakeEngine) -> None:
+    engine, backend = make_engine(FakeBackend(slots=4), start=False)
+    a = engine.submit(req([1, 2, 3], max_new=10))
+    b = engine.submit(req([4, 5], max_new=10))
+    backend.fail_next = RuntimeError("boom")
+    engine.start()
+    for stream in (a, b):
+        with pytest.raises(EngineError, match="boom"):
+            await collect(stream)
+        assert stream.finish is not None and stream.finish.reason == "error"
+    # The engine goes on serving, including a request with the same prompt as a failed one.
+    c = engine.submit(req([1, 2, 3], max_new=10))
+    assert await collect(c) == reference([1, 2, 3], 10)
+    assert c.finish is not None and c.finish.reason == "length"
+    assert engine.live_sequences() == 0
+    assert not backend.misuse
+
+
+async def test_failure_mid_stream_keeps_tokens_already_delivered(make_engine: MakeEngine) -> None:
+    engine, backend = make_engine(FakeBackend(slots=2), start=False)
+    backend.pause()
+    engine.start()
+    a = engine.submit(req([1, 2, 3], max_new=50))
+    backend.allow(3)  # prefill, decode, decode
+    got: list[int] = []
+    while len(got) < 2:
+        got += await first_batch(a)
+    assert await asyncio.to_thread(backend.wait_blocked)
+    backend.fail_next = ValueError("cuda fell over")
+    backend.resume()
+    with pytest.raises(EngineError, match="ValueError: cuda fell over"):
+        got += await collect(a)
+    assert got == reference([1, 2, 3], 2)
+    assert await collect(engine.submit(req([3, 2, 1], max_new=4))) == reference([3, 2, 1], 4)
