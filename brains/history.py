@@ -7,7 +7,7 @@ item (visible reasoning) but, as in MPS and other reasoning models, not fed back
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from brains.prompts import ChatMessage
@@ -24,8 +24,32 @@ class Item:
     status: Literal["in_progress", "completed", "incomplete"] = "completed"
     thought: str = ""
     audio_ms: float = 0.0
+    # Assistant audio as sent: (start_ms, end_ms, text) per synthesized chunk, to truncate to what was heard.
+    spoken: list[tuple[float, float, str]] = field(default_factory=list)
+    type: Literal["message", "function_call", "function_call_output"] = "message"
+    call_id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+    def heard_text(self, played_ms: float) -> str:
+        """The words of the reply that had been played after `played_ms` of its audio; a chunk cut midway
+        keeps the share of its words that was played (speech runs at a near-constant rate)."""
+        words: list[str] = []
+        for start, end, text in self.spoken:
+            if played_ms >= end:
+                words += text.split()
+            elif played_ms > start:
+                chunk = text.split()
+                words += chunk[: int(len(chunk) * (played_ms - start) / max(end - start, 1e-6))]
+        return " ".join(words)
 
     def to_protocol(self, beta: bool) -> dict[str, Any]:
+        if self.type == "function_call":
+            return {"id": self.id, "object": "realtime.item", "type": "function_call", "status": self.status,
+                    "call_id": self.call_id, "name": self.name, "arguments": self.arguments}
+        if self.type == "function_call_output":
+            return {"id": self.id, "object": "realtime.item", "type": "function_call_output",
+                    "call_id": self.call_id, "output": self.text}
         if self.role == "user":
             part = {"type": "input_audio", "transcript": self.text or None} if self.audio else \
                 {"type": "input_text", "text": self.text}
@@ -70,5 +94,17 @@ class Conversation:
         return self.items[-1].id if self.items else None
 
     def messages(self) -> list[ChatMessage]:
-        return [ChatMessage(item.role, item.text) for item in self.items  # type: ignore[arg-type]
-                if item.role in ("user", "assistant") and item.text.strip()]
+        out = []
+        for item in self.items:
+            if item.type == "function_call":
+                out.append(ChatMessage("assistant", f'<tool_call>{{"name": "{item.name}", "arguments": '
+                                                    f"{item.arguments or '{}'}}}</tool_call>"))
+            elif item.type == "function_call_output":
+                # Small chat templates know only user and assistant turns: the result comes back as the user's.
+                out.append(ChatMessage("user", f"<tool_response>{item.text}</tool_response>"))
+            elif item.role in ("user", "assistant") and item.text.strip():
+                out.append(ChatMessage(item.role, item.text))  # type: ignore[arg-type]
+        return out
+
+    def find_call(self, call_id: str) -> Item | None:
+        return next((i for i in self.items if i.type == "function_call" and i.call_id == call_id), None)

@@ -107,6 +107,16 @@ class TtsConfig:
 
 
 @dataclass(frozen=True)
+class BargeInConfig:
+    """See realtime/barge_in.py."""
+
+    min_speech_ms: int = 250
+    guard_window_ms: int = 1500
+    guard_min_speech_ms: int = 600
+    echo_margin_db: float = 12.0
+
+
+@dataclass(frozen=True)
 class DuetConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     vad: VadConfig = field(default_factory=VadConfig)
@@ -114,6 +124,7 @@ class DuetConfig:
     llm: LlmConfig = field(default_factory=LlmConfig)
     mind: MindConfig = field(default_factory=MindConfig)
     tts: TtsConfig = field(default_factory=TtsConfig)
+    barge_in: BargeInConfig = field(default_factory=BargeInConfig)
 
 
 class ConfigError(ValueError):

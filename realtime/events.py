@@ -172,6 +172,20 @@ class ItemCreated(ServerEvent, kw_only=True, tag="conversation.item.created"):
     item: dict[str, Any]
 
 
+class ItemTruncated(ServerEvent, kw_only=True, tag="conversation.item.truncated"):
+    item_id: str
+    content_index: int = 0
+    audio_end_ms: int
+
+
+class ItemDeleted(ServerEvent, kw_only=True, tag="conversation.item.deleted"):
+    item_id: str
+
+
+class ItemRetrieved(ServerEvent, kw_only=True, tag="conversation.item.retrieved"):
+    item: dict[str, Any]
+
+
 class TranscriptionDelta(ServerEvent, kw_only=True, tag="conversation.item.input_audio_transcription.delta"):
     item_id: str
     content_index: int = 0
@@ -264,6 +278,34 @@ class TextDone(ServerEvent, kw_only=True, tag="response.output_text.done"):
     output_index: int = 0
     content_index: int = 0
     text: str
+
+
+class FunctionCallArgumentsDelta(ServerEvent, kw_only=True, tag="response.function_call_arguments.delta"):
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    call_id: str
+    delta: str
+
+
+class FunctionCallArgumentsDone(ServerEvent, kw_only=True, tag="response.function_call_arguments.done"):
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    call_id: str
+    name: str
+    arguments: str
+
+
+class RateLimit(msgspec.Struct, kw_only=True):
+    name: str
+    limit: int
+    remaining: int
+    reset_seconds: float
+
+
+class RateLimitsUpdated(ServerEvent, kw_only=True, tag="rate_limits.updated"):
+    rate_limits: list[RateLimit]
 
 
 class ResponseDone(ServerEvent, kw_only=True, tag="response.done"):

@@ -85,8 +85,10 @@ class Response:
         self._task: asyncio.Task[None] | None = None
         self._pacer: MindPacer | None = None
         self.metrics: dict[str, Any] = {"pacing": options.pacing}
+        self.first_audio_at: float | None = None
+        self._out_energy = 0.0
+        self._out_samples = 0
         self._t0 = options.turn_committed_at or time.perf_counter()
-        self._spoken: list[tuple[float, float, str]] = []  # (start_ms, end_ms, text) of audio sent
 
     @property
     def beta(self) -> bool:
@@ -102,8 +104,26 @@ class Response:
         self.status, self.status_reason = "cancelled", reason
         if self._pacer is not None:
             self._pacer.cancel()
+        if self.prefetch is not None:
+            self.prefetch.cancel()
         if self._task is not None:
             self._task.cancel()
+
+    async def stop(self, reason: str) -> None:
+        """Cancel and wait until the response has finished (its done events are out)."""
+        self.cancel(reason)
+        task = self._task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            await asyncio.wait([task])
+
+    @property
+    def far_rms(self) -> float:
+        """Level of the reply audio sent so far (the far end, for the echo test of barge-in)."""
+        return float(np.sqrt(self._out_energy / self._out_samples)) if self._out_samples else 0.0
+
+    def audible(self) -> bool:
+        """Is reply audio (possibly) coming out of the client's speaker now?"""
+        return self.first_audio_at is not None and (not self.done or self.playback.ahead_ms() > 0)
 
     async def run(self) -> None:
         self._task = asyncio.current_task()
@@ -177,16 +197,13 @@ class Response:
             return {"type": "audio" if self.beta else "output_audio", "transcript": self.item.text}
         return {"type": "text" if self.beta else "output_text", "text": self.item.text}
 
-    def heard_text(self) -> str:
-        """The reply as far as the client has played it (for truncation after a barge-in)."""
-        played = self.playback.played_ms()
-        return " ".join(text for start, _, text in self._spoken if start < played).strip()
 
     def _finish(self) -> None:
         s, emit = self.session, self.session.emit
         self.done = True
         if self.status == "cancelled" and self.item.audio:
-            self.item.text = self.heard_text()
+            # Barge-in or cancel: keep only what the server's playback clock says the user heard.
+            self.item.text = self.item.heard_text(self.playback.played_ms())
         self.item.status = "completed" if self.status == "completed" else "incomplete"
         self.item.audio_ms = self.playback.queued_ms
         if self.item.audio:
@@ -254,7 +271,7 @@ class _Speech:
             out = audio_codec.resample(wav, synth.sample_rate, fmt.sample_rate)
             start = r.playback.queued_ms
             self._send(out, fmt)
-            r._spoken.append((start, r.playback.queued_ms, chunk))
+            r.item.spoken.append((start, r.playback.queued_ms, chunk))
 
     def _send(self, samples: np.ndarray, fmt: audio_codec.AudioFormat) -> None:
         r = self.r
@@ -262,6 +279,10 @@ class _Speech:
         for i in range(0, len(samples), step):
             piece = samples[i:i + step]
             data = audio_codec.encode(piece, fmt)
+            r._out_energy += float(np.dot(piece, piece))
+            r._out_samples += len(piece)
+            if r.first_audio_at is None:
+                r.first_audio_at = time.perf_counter()
             r.session.emit(ev.AudioDelta(response_id=r.id, item_id=r.item.id,
                                          delta=ev.encode_audio(data)))
             r._mark("first_audio_sent_ms")

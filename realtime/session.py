@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from brains.history import Conversation, Item
 from brains.pacer import MindPacer
 from brains.prompts import ChatMessage
 from realtime import audio as audio_codec
+from realtime import barge_in
 from realtime import events as ev
 from realtime.config import LlmConfig, PacingMode, VadConfig
 from realtime.errors import SessionError
@@ -27,6 +29,7 @@ from realtime.playback import PlaybackClock
 from realtime.prefetch import Prefetch
 from realtime.response import Response, ResponseOptions
 from realtime.runtime import Runtime
+from realtime.session_items import ItemEvents
 from realtime.session_settings import SessionSettings
 from realtime.vad import SilenceStarted, SpeechResumed, SpeechStarted, SpeechStopped, TurnEvent, VadSegmenter
 
@@ -41,7 +44,7 @@ class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         return f"[{self.extra['session_id']}] {msg}", kwargs  # type: ignore[index]
 
 
-class Session:
+class Session(ItemEvents):
     def __init__(self, runtime: Runtime, session_id: str, emit: Emit, beta: bool = False) -> None:
         self.rt = runtime
         self.id = session_id
@@ -57,6 +60,8 @@ class Session:
         self._manual_audio: list[np.ndarray] = []  # input buffer when turn_detection is null
         self._speculative: asyncio.Future[str] | None = None
         self._prefetch: Prefetch | None = None
+        self._unconfirmed: str | None = None  # a turn heard during the reply, not yet judged an interruption
+        self._near: deque[tuple[float, int]] = deque(maxlen=25)  # (energy, samples) of recent input chunks
         self._pending_item: str | None = None  # item id of the turn in progress
         self.response: Response | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -161,15 +166,6 @@ class Session:
                                param="response_id", event_id=e.event_id)
         self.response.cancel("client_cancelled")
 
-    async def _on_ConversationItemCreate(self, e: ev.ConversationItemCreate) -> None:
-        item = _item_from_protocol(e.item, e.event_id)
-        try:
-            previous = self.history.add(item, e.previous_item_id)
-        except KeyError:
-            raise SessionError(f"previous_item_id {e.previous_item_id} does not exist", code="item_not_found",
-                               param="previous_item_id", event_id=e.event_id) from None
-        self.emit(ev.ItemCreated(previous_item_id=previous, item=item.to_protocol(self.settings.beta)))
-
     # ---- input audio --------------------------------------------------------------------------
     async def _audio_drained(self) -> None:
         """Wait until every appended chunk went through the VAD (commit/clear act on all of it)."""
@@ -187,6 +183,7 @@ class Session:
             if self.settings.turn_detection is None:
                 self._manual_audio.append(samples)
                 continue
+            self._near.append((float(np.dot(samples, samples)), len(samples)))
             turn_events, snapshot = await self.rt.run_in(self.rt.vad_pool, self._feed_vad, samples)
             for event in turn_events:
                 self._on_turn_event(event, snapshot)
@@ -200,14 +197,24 @@ class Session:
 
     def _on_turn_event(self, event: TurnEvent, snapshot: np.ndarray | None) -> None:
         if isinstance(event, SpeechStarted):
-            self._pending_item = ev.new_id("item")
+            item_id = self._pending_item = ev.new_id("item")
             self._drop_speculation()
-            self.emit(ev.SpeechStarted(audio_start_ms=event.audio_start_ms, item_id=self._pending_item))
-            if self.settings.partial_transcripts_ms > 0:
-                self._spawn(self._listen(self._pending_item), "listen")
-            td = self.settings.turn_detection
-            if self.response is not None and not self.response.done and td and td.interrupt_response:
-                self.response.cancel("turn_detected")
+            self._near.clear()
+            if self.response is not None and self.response.audible():
+                # Maybe an interruption, maybe the reply's own echo or a cough: announce it only once the
+                # barge-in guard agrees (clients stop playback on speech_started).
+                self._unconfirmed = item_id
+                self._spawn(self._guard_barge_in(item_id, event, self.response, time.perf_counter()), "barge-in")
+            else:
+                self._speech_confirmed(item_id, event)
+                td = self.settings.turn_detection
+                if self.response is not None and not self.response.done and td is not None and td.interrupt_response:
+                    self.response.cancel("turn_detected")  # nothing audible yet: the user simply went on
+        elif self._unconfirmed is not None and self._unconfirmed == self._pending_item:
+            if isinstance(event, SpeechStopped):
+                self.log.info("ignored %d ms of speech during the reply (echo or noise)",
+                              event.audio_end_ms - self.segmenter.detector.turn_audio_start_ms)
+                self._unconfirmed = self._pending_item = None
         elif isinstance(event, SilenceStarted) and snapshot is not None:
             # Transcribe while the silence window runs: if the user stays quiet, the transcript is
             # ready (or nearly) when the turn is confirmed, taking ASR off the critical path.
@@ -223,6 +230,43 @@ class Session:
             speculative, prefetch = self._speculative, self._prefetch
             self._speculative = self._prefetch = None
             self._commit_turn(item_id, event.audio, speculative, prefetch, speech_end_ms=event.audio_end_ms)
+
+    def _speech_confirmed(self, item_id: str, event: SpeechStarted) -> None:
+        self.emit(ev.SpeechStarted(audio_start_ms=event.audio_start_ms, item_id=item_id))
+        if self.settings.partial_transcripts_ms > 0:
+            self._spawn(self._listen(item_id), "listen")
+
+    async def _guard_barge_in(self, item_id: str, event: SpeechStarted, response: Response, t0: float) -> None:
+        cfg = self.rt.config.barge_in
+        already_ms = self.rt.config.vad.min_speech_ms  # the VAD reported speech only after this much of it
+        while self._unconfirmed == item_id:
+            now = time.perf_counter()
+            since_audio = None if response.first_audio_at is None else (now - response.first_audio_at) * 1000
+            audible = response.audible()
+            verdict = barge_in.decide(cfg, (now - t0) * 1000 + already_ms, since_audio if audible else None,
+                                      self._near_rms(), response.far_rms if audible else 0.0)
+            if verdict == "interrupt":
+                self._unconfirmed = None
+                self._speech_confirmed(item_id, event)
+                td = self.settings.turn_detection
+                if audible and td is not None and td.interrupt_response:
+                    self.log.info("barge-in: user speech interrupts %s", response.id)
+                    played = response.playback.played_ms()
+                    finished = response.done
+                    await response.stop("turn_detected")
+                    self.emit(ev.OutputAudioBufferCleared(response_id=response.id))
+                    if finished:  # generation was over but playback was not: cut the item to what was heard
+                        item = response.item
+                        item.text, item.audio_ms, item.status = item.heard_text(played), played, "incomplete"
+                        self.emit(ev.ItemTruncated(item_id=item.id, content_index=0, audio_end_ms=int(played)))
+                return
+            await asyncio.sleep(0.04)
+
+    def _near_rms(self) -> float:
+        """Level of the user's last ~0.5 s of input (the near end)."""
+        energy = sum(e for e, _ in self._near)
+        count = sum(n for _, n in self._near)
+        return float(np.sqrt(energy / count)) if count else 0.0
 
     def _drop_speculation(self) -> None:
         self._speculative = None
@@ -324,21 +368,4 @@ class Session:
             self.response.cancel("turn_detected")
         self.response = Response(self, options, prefetch)
         self._spawn(self.response.run(), "response")
-
-
-def _item_from_protocol(raw: dict[str, Any], event_id: str | None) -> Item:
-    if raw.get("type", "message") != "message":
-        raise SessionError(f"item type {raw.get('type')!r} is not supported yet", code="invalid_value",
-                           param="item.type", event_id=event_id)
-    role = raw.get("role")
-    if role not in ("user", "assistant", "system"):
-        raise SessionError("item.role must be user, assistant or system", code="invalid_value",
-                           param="item.role", event_id=event_id)
-    texts = []
-    for part in raw.get("content") or []:
-        if isinstance(part, dict):
-            value = part.get("text") or part.get("transcript")
-            if isinstance(value, str):
-                texts.append(value)
-    return Item(id=str(raw.get("id") or ev.new_id("item")), role=role, text=" ".join(texts))
 
