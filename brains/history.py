@@ -100,8 +100,11 @@ class Conversation:
                 out.append(ChatMessage("assistant", f'<tool_call>{{"name": "{item.name}", "arguments": '
                                                     f"{item.arguments or '{}'}}}</tool_call>"))
             elif item.type == "function_call_output":
-                # Small chat templates know only user and assistant turns: the result comes back as the user's.
-                out.append(ChatMessage("user", f"<tool_response>{item.text}</tool_response>"))
+                # Small chat templates know only user and assistant turns, and small models answer plain words
+                # better than markup: the result comes back as the user's message.
+                call = self.find_call(item.call_id)
+                name = call.name if call is not None else "the function"
+                out.append(ChatMessage("user", f"{name} returned: {item.text}\nAnswer my question with this."))
             elif item.role in ("user", "assistant") and item.text.strip():
                 out.append(ChatMessage(item.role, item.text))  # type: ignore[arg-type]
         return out

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from brains.engine import Engine, GenerationRequest, TokenStream
 from brains.prompts import IncrementalText, PromptBuilder
+from brains.tools import call_complete
 from realtime.config import LlmConfig, MindConfig, PacingMode
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,13 @@ class TurnStats:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """The AB asked for a tool: the text between <tool_call> and </tool_call> (JSON with name, arguments)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class PacerDone:
     reply: str
     thought: str
@@ -62,7 +70,7 @@ class PacerDone:
     cancelled: bool = False
 
 
-PacerEvent = ThoughtDelta | ReplyDelta | PacerDone
+PacerEvent = ThoughtDelta | ReplyDelta | ToolCall | PacerDone
 
 
 @dataclass
@@ -78,7 +86,7 @@ class _Thought:
 class MindPacer:
     def __init__(self, engine: Engine, prompts: PromptBuilder, mind: MindConfig, llm: LlmConfig,
                  mode: PacingMode, session_id: str = "",
-                 audio_ahead_ms: Callable[[], float] | None = None) -> None:
+                 audio_ahead_ms: Callable[[], float] | None = None, tool_prefix: str | None = None) -> None:
         self.engine = engine
         self.prompts = prompts
         self.mind = mind
@@ -86,6 +94,10 @@ class MindPacer:
         self.mode = mode
         self.session_id = session_id
         self.audio_ahead_ms = audio_ahead_ms or (lambda: 0.0)
+        # With tools offered, "<tool_call>" in the AB's text starts a call instead of ending the reply;
+        # a forced call (tool_choice) starts the reply with this prefix, e.g. '<tool_call>{"name": "f", '.
+        self.tools = tool_prefix is not None
+        self.tool_prefix = tool_prefix or ""
         self._streams: set[TokenStream] = set()
         self._out: asyncio.Queue[PacerEvent | None] = asyncio.Queue()
         self.stats = TurnStats(mode=mode)
@@ -171,6 +183,9 @@ class MindPacer:
     # ---- articulation brain -------------------------------------------------------------------
     async def _articulate(self, conversation: list[int], thought: _Thought) -> tuple[str, str]:
         reply = IncrementalText(self.prompts)
+        if self.tool_prefix:
+            reply.ids.extend(self.prompts.encode(self.tool_prefix))
+            reply.text = self.prompts.decode(reply.ids)
         sent = 0  # characters of reply.text already handed out as deltas
         if self.mode == "think-first":
             await self._wait(thought, lambda: thought.segments >= 1 or thought.done)
@@ -195,7 +210,14 @@ class MindPacer:
                     produced += len(ids)
                     reply.push(ids)
                     tag = TAG.search(reply.text)
-                    if tag is not None:
+                    if self.tools and tag is not None and tag.group() == "<tool_call>":
+                        call = reply.text[tag.end():]
+                        if not call_complete(call):
+                            continue  # the call is still being written
+                        self._out.put_nowait(ToolCall(call))
+                        reply.text = reply.text[: tag.start()]
+                        ended = True
+                    elif tag is not None:
                         # The AB opened or closed a tag ("</think>", "<step>"): its reply is over, and none
                         # of that markup may reach the listener.
                         reply.text = reply.text[: tag.start()]
@@ -219,6 +241,14 @@ class MindPacer:
                 self.stats.prefill_reused += stream.reused_prefix
             budget -= produced
             self.stats.reply_tokens = len(reply.ids)
+            reason = stream.finish.reason if stream.finish is not None else None
+            if self.tools and not ended and (reason == "stop" or budget <= 0):
+                # The AB stopped inside an unclosed call: hand over what it wrote; the client judges it.
+                tag = TAG.search(reply.text)
+                if tag is not None and tag.group() == "<tool_call>":
+                    self._out.put_nowait(ToolCall(reply.text[tag.end():].strip()))
+                    reply.text = reply.text[: tag.start()]
+                    ended = True
             if self.cancelled or ended or (stream.finish is not None and stream.finish.reason == "stop"):
                 break  # the AB ended its reply
             if produced == 0 and final:

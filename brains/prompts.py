@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from brains.tools import tools_prompt
 from realtime.config import LlmConfig, MindConfig
 
 Role = Literal["user", "assistant"]
@@ -52,14 +53,16 @@ class PromptBuilder:
             ids.add(int(self.tokenizer.eos_token_id))
         return frozenset(ids)
 
-    def system_prompt(self, instructions: str | None, thinking: bool) -> str:
+    def system_prompt(self, instructions: str | None, thinking: bool, tools: Sequence[dict[str, Any]] = ()) -> str:
         base = instructions.strip() if instructions and instructions.strip() else self.llm.system_prompt
+        if tools:
+            base += "\n\n" + tools_prompt(tools)
         return f"{base}\n\n{self.mind.thinking_prompt}" if thinking else base
 
     def conversation(self, messages: Sequence[ChatMessage], instructions: str | None = None,
-                     thinking: bool = False) -> list[int]:
+                     thinking: bool = False, tools: Sequence[dict[str, Any]] = ()) -> list[int]:
         """The chat template up to and including the assistant's turn header."""
-        chat = [{"role": "system", "content": self.system_prompt(instructions, thinking)}]
+        chat = [{"role": "system", "content": self.system_prompt(instructions, thinking, tools)}]
         chat += [{"role": m.role, "content": m.content} for m in messages]
         ids = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding

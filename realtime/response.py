@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from brains.history import Item
-from brains.pacer import MindPacer, PacerDone, ReplyDelta, ThoughtDelta
+from brains.pacer import MindPacer, PacerDone, ReplyDelta, ThoughtDelta, ToolCall
+from brains.tools import parse_tool_call
 from realtime import audio as audio_codec
 from realtime import events as ev
 from realtime.config import PACING_MODES, PacingMode
@@ -43,6 +44,8 @@ class ResponseOptions:
     pacing: PacingMode
     max_output_tokens: int | None
     conversation: str = "auto"  # "none": out-of-band, not added to the history
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: str = "auto"  # auto | none | required | the name of one function
     turn_committed_at: float | None = None
     transcribed_at: float | None = None
     speech_end_ms: int | None = None
@@ -65,9 +68,34 @@ class ResponseOptions:
         if instructions is not None and not isinstance(instructions, str):
             raise bad("instructions must be a string", "instructions")
         conversation = raw.get("conversation", "auto")
+        tools = raw.get("tools", settings.tools)
+        if not isinstance(tools, list) or any(not isinstance(t, dict) or not t.get("name") for t in tools):
+            raise bad("tools must be a list of function objects with a name", "tools")
+        choice = raw.get("tool_choice", settings.tool_choice)
+        if isinstance(choice, dict):
+            choice = (choice.get("function") or {}).get("name") or choice.get("name")
+        names = [t["name"] for t in tools]
+        if choice not in ("auto", "none", "required", *names):
+            raise bad(f"tool_choice must be auto, none, required or one of the tools {names}", "tool_choice")
         return cls(instructions=instructions, modalities=tuple(mods), pacing=pacing,
                    max_output_tokens=None if limit == "inf" else limit,
-                   conversation="none" if conversation == "none" else "auto")
+                   conversation="none" if conversation == "none" else "auto", tools=tuple(tools),
+                   tool_choice=choice)
+
+    @property
+    def offered_tools(self) -> list[dict[str, Any]]:
+        return list(self.tools) if self.tool_choice != "none" else []
+
+    @property
+    def tool_prefix(self) -> str | None:
+        """How the AB's reply starts: None = no tools; a forced choice pre-writes the start of the call."""
+        if not self.offered_tools:
+            return None
+        if self.tool_choice == "required":
+            return '<tool_call>\n{"name": "'
+        if self.tool_choice != "auto":
+            return f'<tool_call>\n{{"name": "{self.tool_choice}", "arguments": '
+        return ""
 
 
 class Response:
@@ -86,6 +114,7 @@ class Response:
         self._pacer: MindPacer | None = None
         self.metrics: dict[str, Any] = {"pacing": options.pacing}
         self.first_audio_at: float | None = None
+        self._output: list[Item] = []  # output items in order: the message and any function calls
         self._out_energy = 0.0
         self._out_samples = 0
         self._t0 = options.turn_committed_at or time.perf_counter()
@@ -130,10 +159,6 @@ class Response:
         s = self.session
         emit = s.emit
         emit(ev.ResponseCreated(response=self._protocol([])))
-        if self.options.conversation == "auto":
-            s.history.add(self.item)
-        emit(ev.OutputItemAdded(response_id=self.id, item=self.item.to_protocol(self.beta)))
-        emit(ev.ContentPartAdded(response_id=self.id, item_id=self.item.id, part=self._part()))
         speech = _Speech(self) if self.item.audio else None
         try:
             await self._think_and_speak(speech)
@@ -150,6 +175,37 @@ class Response:
                 speech.stop()
             self._finish()
 
+    def _open_message(self) -> None:
+        """Announce the assistant message when it has something to say (a forced tool call may not)."""
+        if self.item in self._output:
+            return
+        if self.options.conversation == "auto":
+            self.session.history.add(self.item)
+        self._output.append(self.item)
+        index = self._output.index(self.item)
+        self.session.emit(ev.OutputItemAdded(response_id=self.id, output_index=index,
+                                             item=self.item.to_protocol(self.beta)))
+        self.session.emit(ev.ContentPartAdded(response_id=self.id, item_id=self.item.id, output_index=index,
+                                              part=self._part()))
+
+    def _function_call(self, text: str) -> None:
+        name, arguments = parse_tool_call(text)
+        item = Item(id=ev.new_id("item"), role="assistant", type="function_call", call_id=ev.new_id("call"),
+                    name=name, arguments=arguments, status="completed")
+        if self.options.conversation == "auto":
+            self.session.history.add(item)
+        index = len(self._output)
+        self._output.append(item)
+        emit = self.session.emit
+        emit(ev.OutputItemAdded(response_id=self.id, output_index=index,
+                                item={**item.to_protocol(self.beta), "arguments": "", "status": "in_progress"}))
+        emit(ev.FunctionCallArgumentsDelta(response_id=self.id, item_id=item.id, output_index=index,
+                                           call_id=item.call_id, delta=arguments))
+        emit(ev.FunctionCallArgumentsDone(response_id=self.id, item_id=item.id, output_index=index,
+                                          call_id=item.call_id, name=name, arguments=arguments))
+        emit(ev.OutputItemDone(response_id=self.id, output_index=index, item=item.to_protocol(self.beta)))
+        self.session.log.info("function call %s(%s)", name, arguments)
+
     async def _think_and_speak(self, speech: _Speech | None) -> None:
         s, rt, opts = self.session, self.session.rt, self.options
         llm = rt.config.llm
@@ -160,15 +216,18 @@ class Response:
             source = self.prefetch.events()
             self.metrics["prefetched"] = True
         else:
-            self._pacer = self.session.new_pacer(opts.pacing, self.playback, llm)
+            self._pacer = self.session.new_pacer(opts, self.playback, llm)
             source = self._pacer.run(self._conversation_ids(self._pacer.thinking))
         async for event in source:
             if isinstance(event, ThoughtDelta):
                 self._mark("fb_first_token_ms")
                 s.emit(ev.ThoughtDelta(response_id=self.id, item_id=self.item.id, delta=event.text))
                 self.item.thought += event.text
+            elif isinstance(event, ToolCall):
+                self._function_call(event.text)
             elif isinstance(event, ReplyDelta):
                 self._mark("ab_first_token_ms")
+                self._open_message()
                 self.item.text += event.text
                 cls = ev.AudioTranscriptDelta if self.item.audio else ev.TextDelta
                 s.emit(cls(response_id=self.id, item_id=self.item.id, delta=event.text))
@@ -189,7 +248,7 @@ class Response:
 
     def _conversation_ids(self, thinking: bool) -> list[int]:
         # This response's own item is already in the history, still empty, and messages() skips it.
-        return self.session.conversation_ids(self.session.history.messages(), self.options.instructions, thinking)
+        return self.session.conversation_ids(self.session.history.messages(), self.options, thinking)
 
     # ---- finishing ----------------------------------------------------------------------------
     def _part(self) -> dict[str, Any]:
@@ -206,13 +265,18 @@ class Response:
             self.item.text = self.item.heard_text(self.playback.played_ms())
         self.item.status = "completed" if self.status == "completed" else "incomplete"
         self.item.audio_ms = self.playback.queued_ms
-        if self.item.audio:
-            emit(ev.AudioDone(response_id=self.id, item_id=self.item.id))
-            emit(ev.AudioTranscriptDone(response_id=self.id, item_id=self.item.id, transcript=self.item.text))
-        else:
-            emit(ev.TextDone(response_id=self.id, item_id=self.item.id, text=self.item.text))
-        emit(ev.ContentPartDone(response_id=self.id, item_id=self.item.id, part=self._part()))
-        emit(ev.OutputItemDone(response_id=self.id, item=self.item.to_protocol(self.beta)))
+        if not self._output:
+            self._open_message()  # every response has an output item, even an empty one
+        if self.item in self._output:
+            index = self._output.index(self.item)
+            done = dict(response_id=self.id, item_id=self.item.id, output_index=index)
+            if self.item.audio:
+                emit(ev.AudioDone(**done))
+                emit(ev.AudioTranscriptDone(**done, transcript=self.item.text))
+            else:
+                emit(ev.TextDone(**done, text=self.item.text))
+            emit(ev.ContentPartDone(**done, part=self._part()))
+            emit(ev.OutputItemDone(response_id=self.id, output_index=index, item=self.item.to_protocol(self.beta)))
         self.metrics.update(underruns=self.playback.underruns, audio_ms=round(self.playback.queued_ms),
                             speech_end_ms=self.options.speech_end_ms, status=self.status)
         if self.options.transcribed_at is not None:
@@ -220,7 +284,8 @@ class Response:
         emit(ev.TurnMetrics(response_id=self.id, metrics=self.metrics))
         usage = {"output_tokens": self.metrics.get("reply_tokens", 0),
                  "output_token_details": {"reasoning_tokens": self.metrics.get("thought_tokens", 0)}}
-        emit(ev.ResponseDone(response=self._protocol([self.item.to_protocol(self.beta)], usage)))
+        output = [item.to_protocol(self.beta) for item in self._output]
+        emit(ev.ResponseDone(response=self._protocol(output, usage)))
         s.log.info("response %s %s: %r %s", self.id, self.status, self.item.text[:80], self.metrics)
 
     def _protocol(self, output: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -287,3 +352,4 @@ class _Speech:
                                          delta=ev.encode_audio(data)))
             r._mark("first_audio_sent_ms")
             r.playback.add(len(piece) * 1000.0 / fmt.sample_rate)
+

@@ -23,7 +23,7 @@ from brains.prompts import ChatMessage
 from realtime import audio as audio_codec
 from realtime import barge_in
 from realtime import events as ev
-from realtime.config import LlmConfig, PacingMode, VadConfig
+from realtime.config import LlmConfig, VadConfig
 from realtime.errors import SessionError
 from realtime.playback import PlaybackClock
 from realtime.prefetch import Prefetch
@@ -310,21 +310,21 @@ class Session(ItemEvents):
             self._prefetch.cancel()
         options = ResponseOptions.parse({}, self.settings)
         playback = PlaybackClock()
-        pacer = self.new_pacer(options.pacing, playback, self.rt.config.llm)
-        conversation = self.conversation_ids(messages, options.instructions, pacer.thinking)
+        pacer = self.new_pacer(options, playback, self.rt.config.llm)
+        conversation = self.conversation_ids(messages, options, pacer.thinking)
         self._prefetch = Prefetch(pacer, playback, text, messages, conversation)
 
     # ---- brains -------------------------------------------------------------------------------
-    def new_pacer(self, pacing: PacingMode, playback: PlaybackClock, llm: LlmConfig) -> MindPacer:
-        return MindPacer(self.rt.engine, self.rt.prompts, self.rt.config.mind, llm, pacing, self.id,
-                         audio_ahead_ms=playback.ahead_ms)
+    def new_pacer(self, options: ResponseOptions, playback: PlaybackClock, llm: LlmConfig) -> MindPacer:
+        return MindPacer(self.rt.engine, self.rt.prompts, self.rt.config.mind, llm, options.pacing, self.id,
+                         audio_ahead_ms=playback.ahead_ms, tool_prefix=options.tool_prefix)
 
-    def conversation_ids(self, messages: list[ChatMessage], instructions: str | None, thinking: bool) -> list[int]:
+    def conversation_ids(self, messages: list[ChatMessage], options: ResponseOptions, thinking: bool) -> list[int]:
         """The prompt, dropping the oldest messages until the turn fits the model's cache."""
         cfg = self.rt.config
         reserve = cfg.llm.max_reply_tokens + (cfg.mind.max_thought_tokens if thinking else 0) + 16
         while True:
-            ids = self.rt.prompts.conversation(messages, instructions, thinking)
+            ids = self.rt.prompts.conversation(messages, options.instructions, thinking, options.offered_tools)
             if len(ids) + reserve <= cfg.llm.max_seq_len or len(messages) <= 1:
                 return ids[-(cfg.llm.max_seq_len - reserve):]
             messages = messages[1:]

@@ -47,6 +47,7 @@ class SessionSettings:
     temperature: float = 0.8
     max_output_tokens: int | str = "inf"
     tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: str = "auto"
     pacing: PacingMode = "speak-first"
     # Partial transcripts while the user speaks (0 = off), and brains started on them (think while listening).
     partial_transcripts_ms: int = 0
@@ -126,9 +127,18 @@ class SessionSettings:
                     raise ValueError(f"{key} must be a positive integer or 'inf'")
                 self.max_output_tokens = value
         if "tools" in u:
-            if not isinstance(u["tools"], list):
-                raise TypeError("tools must be a list")
-            self.tools = list(u["tools"])
+            tools = u["tools"]
+            if not isinstance(tools, list) or any(not isinstance(t, dict) or not t.get("name") for t in tools):
+                raise TypeError("tools must be a list of function objects with a name")
+            self.tools = list(tools)
+        if "tool_choice" in u:
+            choice = u["tool_choice"]
+            if isinstance(choice, dict):
+                choice = (choice.get("function") or {}).get("name") or choice.get("name")
+            allowed = ("auto", "none", "required", *(t["name"] for t in self.tools))
+            if not isinstance(choice, str) or choice not in allowed:
+                raise ValueError("tool_choice must be auto, none, required or the name of a session tool")
+            self.tool_choice = choice
         duet = u.get("duet") or {}
         if "pacing" in duet:
             if duet["pacing"] not in PACING_MODES:
@@ -171,7 +181,7 @@ class SessionSettings:
     def to_protocol(self, session_id: str) -> dict[str, Any]:
         td = self.turn_detection.to_protocol() if self.turn_detection else None
         common = {"id": session_id, "object": "realtime.session", "model": self.model,
-                  "instructions": self.instructions or "", "tools": self.tools,
+                  "instructions": self.instructions or "", "tools": self.tools, "tool_choice": self.tool_choice,
                   "duet": {"pacing": self.pacing, "partial_transcripts_ms": self.partial_transcripts_ms,
                            "think_while_listening": self.think_while_listening}}
         if self.beta:
