@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
+from typing import cast
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -21,10 +22,12 @@ from realtime import events as ev
 from realtime.errors import SessionError
 from realtime.runtime import Runtime
 from realtime.session import Session
+from realtime.telephony import TelephonyCall, run_call
 
 log = logging.getLogger(__name__)
 
 REALTIME_PATHS = ("/v1/realtime", "/v1/realtime/realtime", "/realtime")
+TELEPHONY_PATHS = {"/twilio": "twilio", "/telnyx": "telnyx"}  # Media Streams bridges (realtime/telephony.py)
 
 
 class DuetServer:
@@ -54,14 +57,19 @@ class DuetServer:
             await self._server.wait_closed()
 
     def _route(self, conn: ServerConnection, request: Request) -> Response | None:
-        path = request.path.split("?", 1)[0].rstrip("/")
-        if path not in REALTIME_PATHS:
-            return conn.respond(HTTPStatus.NOT_FOUND, f"no endpoint at {path}; use /v1/realtime\n")
+        path = _endpoint(request.path)
+        if path not in REALTIME_PATHS and path not in TELEPHONY_PATHS:
+            return conn.respond(HTTPStatus.NOT_FOUND, f"no endpoint at {path}; use /v1/realtime (or /twilio, "
+                                                      "/telnyx for phone calls)\n")
         if len(self.sessions) >= self.cfg.max_sessions:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server is at its session limit\n")
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
+        dialect = TELEPHONY_PATHS.get(_endpoint(ws.request.path)) if ws.request else None
+        if dialect is not None:
+            await self._handle_telephony(ws, dialect)
+            return
         session_id = ev.new_id("sess")
         beta = "realtime=v1" in (ws.request.headers.get("OpenAI-Beta", "") if ws.request else "")
         outbox: asyncio.Queue[ev.ServerEvent] = asyncio.Queue()
@@ -101,11 +109,32 @@ class DuetServer:
                 session.emit(ev.error_event(SessionError(f"internal error: {exc}", code="internal_error",
                                                          type="server_error")))
 
+    async def _handle_telephony(self, ws: ServerConnection, dialect: str) -> None:
+        """A phone call over Twilio/Telnyx Media Streams: the platform takes no error events, so bad input
+        is logged and ignored by the bridge, and the call's session counts towards the session limit."""
+        call = TelephonyCall(self.rt, dialect)
+        await call.start()
+        self.sessions[call.id] = cast(Session, call.session)
+        call.log.info("%s call connected from %s", dialect, ws.remote_address)
+        try:
+            await run_call(call, ws, ws.send)
+        except ConnectionClosed:
+            pass
+        except Exception:  # a bug in one call must not reach the server or others
+            call.log.exception("call ended by an internal error")
+        finally:
+            await call.close()
+            self.sessions.pop(call.id, None)
+
     @staticmethod
     async def _emit_loop(ws: ServerConnection, session: Session, outbox: asyncio.Queue[ev.ServerEvent]) -> None:
         while True:
             event = await outbox.get()
             await ws.send(ev.encode_server_event(event, beta=session.settings.beta))
+
+
+def _endpoint(path: str) -> str:
+    return path.split("?", 1)[0].rstrip("/")
 
 
 def _select_subprotocol(conn: ServerConnection, offered: Sequence[str]) -> Subprotocol | None:
