@@ -40,6 +40,13 @@ def _talk(args: argparse.Namespace) -> int:
     return 0 if result.get("reply_transcript") else 1
 
 
+def _mic(args: argparse.Namespace) -> int:
+    from clients.mic import MicOptions, run_mic
+
+    return run_mic(MicOptions(url=args.url, pacing=args.pacing, partials_ms=args.partials, seconds=args.seconds,
+                              turns=args.turns))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duet", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -61,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     talk.add_argument("--tail", type=float, default=1.5, help="seconds of silence streamed after the WAV")
     talk.add_argument("--timeout", type=float, default=60.0)
     talk.set_defaults(func=_talk)
+
+    mic = sub.add_parser("mic", help="talk to a server with your microphone: live transcript, reasoning, latency")
+    mic.add_argument("--url", default="ws://127.0.0.1:8765/v1/realtime")
+    mic.add_argument("--pacing", default=None, choices=["nothink", "speak-first", "think-first", "tbs"])
+    mic.add_argument("--partials", type=int, default=None, metavar="MS",
+                     help="ask for partial transcripts every MS ms while you speak (Duet; 0 = off)")
+    mic.add_argument("--seconds", type=float, default=None, help="stop after this many seconds")
+    mic.add_argument("--turns", type=int, default=None, help="stop after this many replies")
+    mic.set_defaults(func=_mic)
     return parser
 
 

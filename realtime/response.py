@@ -159,6 +159,7 @@ class Response:
         s = self.session
         emit = s.emit
         emit(ev.ResponseCreated(response=self._protocol([])))
+        emit(s.rate_limits())
         speech = _Speech(self) if self.item.audio else None
         try:
             await self._think_and_speak(speech)

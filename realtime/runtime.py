@@ -43,6 +43,7 @@ class Runtime:
     asr_pool: ThreadPoolExecutor
     tts_pool: ThreadPoolExecutor
     vad_pool: ThreadPoolExecutor
+    sessions_open: int = 0  # maintained by the server, reported in rate_limits.updated
 
     @classmethod
     def load(cls, config: DuetConfig) -> Runtime:

@@ -314,6 +314,22 @@ class Session(ItemEvents):
         conversation = self.conversation_ids(messages, options, pacer.thinking)
         self._prefetch = Prefetch(pacer, playback, text, messages, conversation)
 
+    def transcribed(self, item: Item) -> None:
+        # Whisper transcribes a whole turn at once: one delta with all of it, then completed.
+        if item.text:
+            self.emit(ev.TranscriptionDelta(item_id=item.id, delta=item.text))
+        self.emit(ev.TranscriptionCompleted(item_id=item.id, transcript=item.text))
+
+    def rate_limits(self) -> ev.RateLimitsUpdated:
+        """Capacity as it really is: session slots of this server and KV-cache slots of the shared engine."""
+        cfg = self.rt.config
+        live = self.rt.engine.live_sequences()
+        return ev.RateLimitsUpdated(rate_limits=[
+            ev.RateLimit(name="sessions", limit=cfg.server.max_sessions,
+                         remaining=max(0, cfg.server.max_sessions - self.rt.sessions_open), reset_seconds=0.0),
+            ev.RateLimit(name="kv_slots", limit=cfg.llm.max_slots, remaining=max(0, cfg.llm.max_slots - live),
+                         reset_seconds=0.0)])
+
     # ---- brains -------------------------------------------------------------------------------
     def new_pacer(self, options: ResponseOptions, playback: PlaybackClock, llm: LlmConfig) -> MindPacer:
         return MindPacer(self.rt.engine, self.rt.prompts, self.rt.config.mind, llm, options.pacing, self.id,
@@ -345,7 +361,7 @@ class Session(ItemEvents):
             await self.rt.run_in(self.rt.asr_pool, self.rt.listener.transcribe, audio)
         item.text, item.status = text, "completed"
         transcribed_at = time.perf_counter()
-        self.emit(ev.TranscriptionCompleted(item_id=item.id, transcript=text))
+        self.transcribed(item)
         self.log.info("user said %r (%.0f ms after commit)", text, (transcribed_at - committed_at) * 1000)
         td = self.settings.turn_detection
         if td is not None and td.create_response and text.strip():

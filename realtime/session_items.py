@@ -40,7 +40,7 @@ class ItemEvents:
     async def _transcribe_item(self: Session, item: Item, audio: np.ndarray) -> None:
         item.text = await self.rt.run_in(self.rt.asr_pool, self.rt.listener.transcribe, audio)
         item.status = "completed"
-        self.emit(ev.TranscriptionCompleted(item_id=item.id, transcript=item.text))
+        self.transcribed(item)
 
     def _item(self: Session, item_id: str, event_id: str | None) -> Item:
         try:

@@ -75,10 +75,13 @@ async def test_text_turn_has_the_published_event_sequence_and_ids(url) -> None:
         await s.send(type="response.create")
         events = await s.until("response.done")
     assert types(events) == [
-        "response.created", "response.output_item.added", "response.content_part.added", "response.output_text.delta",
+        "response.created", "rate_limits.updated", "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta",
         "response.output_text.done", "response.content_part.done", "response.output_item.done", "response.done"]
     rid = events[0]["response"]["id"]
-    item_id = events[1]["item"]["id"]
+    limits = {r["name"]: r for r in events[1]["rate_limits"]}
+    assert limits["sessions"]["remaining"] < limits["sessions"]["limit"]  # this session counts
+    item_id = events[2]["item"]["id"]
     for e in events[1:]:
         if "response_id" in e:
             assert e["response_id"] == rid
@@ -101,6 +104,7 @@ async def test_manual_turn_with_g711_audio_commit_and_response(url, speak) -> No
         await s.send(type="input_audio_buffer.commit", event_id="ev_commit")
         committed = await s.until("conversation.item.input_audio_transcription.completed")
         assert types(committed) == ["input_audio_buffer.committed", "conversation.item.created",
+                                    "conversation.item.input_audio_transcription.delta",
                                     "conversation.item.input_audio_transcription.completed"]
         assert "france" in committed[-1]["transcript"].lower()
         assert not any(e["type"] == "response.created" for e in committed), "manual turns wait for response.create"
@@ -118,10 +122,10 @@ async def test_forced_tool_call_then_function_output_then_spoken_answer(url) -> 
         await user_text(s, "What's the weather in Paris?")
         await s.send(type="response.create", response={"tool_choice": {"type": "function", "name": "get_weather"}})
         events = await s.until("response.done")
-        assert types(events) == ["response.created", "response.output_item.added",
+        assert types(events) == ["response.created", "rate_limits.updated", "response.output_item.added",
                                  "response.function_call_arguments.delta", "response.function_call_arguments.done",
                                  "response.output_item.done", "response.done"]
-        call = events[3]
+        call = events[4]
         assert call["name"] == "get_weather"
         assert isinstance(json.loads(call["arguments"]), dict)
         assert events[-1]["response"]["output"][0]["type"] == "function_call"
