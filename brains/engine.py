@@ -330,10 +330,13 @@ class Engine:
             logits = self._forward(seqs, [[s.tokens[s.kv_len]] for s in seqs], prefill=False)
             self.stats.decode_tokens += len(seqs)
             self.stats.max_batch = max(self.stats.max_batch, len(seqs))
+            # One batched argmax (a single device->host sync on GPU) for all greedy rows.
+            greedy = logits.argmax(dim=-1).tolist()
             for row, seq in enumerate(seqs):
                 seq.kv_len += 1
                 seq.last_step = next(self._served)
-                self._accept(seq, self._sample(logits[row], seq.req.temperature))
+                t = seq.req.temperature
+                self._accept(seq, greedy[row] if t <= 0 else self._sample(logits[row], t))
 
     def _forward(self, seqs: list[_Seq], chunks: list[list[int]], prefill: bool) -> torch.Tensor:
         width = max(len(c) for c in chunks)

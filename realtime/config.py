@@ -65,6 +65,10 @@ class LlmConfig:
     # "int8": per-channel int8 projections on CPU (4x fewer weight bytes per token; brains/backends/int8.py).
     quantize: Literal["none", "int8"] = "none"
     threads: int = 2
+    # On CUDA: capture decode/prefill steps in CUDA graphs and fuse small ops with torch.compile
+    # (brains/backends/cuda_graphs.py). Ignored on CPU.
+    cuda_graphs: bool = True
+    compile: bool = True
     # KV cache slots preallocated per process; sequences of all sessions share them.
     max_slots: int = 16
     max_seq_len: int = 1024
