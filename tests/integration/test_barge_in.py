@@ -51,7 +51,9 @@ class Call:
                                            "audio": b64(frame if frame is not None else np.zeros(STEP))}))
 
 
-async def call(url: str, question: np.ndarray, while_reply: Any, seconds_after: float) -> Call:
+async def call(url: str, question: np.ndarray, while_reply: Any, seconds_after: float,
+               until_done: bool = False) -> Call:
+    """`until_done`: keep the microphone going until the first response is done (at most 60 s more)."""
     async with connect(url, max_size=None) as ws:
         c = Call(ws)
         receiver = asyncio.create_task(c.receive())
@@ -66,6 +68,11 @@ async def call(url: str, question: np.ndarray, while_reply: Any, seconds_after: 
             await c.stream(lambda i: None, 0.1)
         assert c.first_audio is not None, c.kinds()
         await c.stream(lambda i: while_reply(c, i), seconds_after)
+        offset = int(seconds_after * 50)
+        deadline = time.perf_counter() + 60
+        while until_done and "response.done" not in c.kinds() and time.perf_counter() < deadline:
+            await c.stream(lambda i, o=offset: while_reply(c, o + i), 0.5)
+            offset += 25
         receiver.cancel()
         return c
 
@@ -75,7 +82,7 @@ async def test_reply_echo_at_minus_20_db_does_not_interrupt(url, speak) -> None:
         played = np.concatenate(c.reply)  # what the speaker is playing now, 20 dB down, back in the mic
         return 0.1 * played[i * STEP:(i + 1) * STEP] if i * STEP < len(played) else np.zeros(STEP)
 
-    c = await call(url, speak("Tell me a story about a dragon."), echo, seconds_after=6.0)
+    c = await call(url, speak("Tell me a story about a dragon."), echo, seconds_after=3.0, until_done=True)
     kinds = c.kinds()
     assert kinds.count("input_audio_buffer.speech_started") == 1, "only the question was a turn"
     assert "output_audio_buffer.cleared" not in kinds
