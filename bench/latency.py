@@ -28,6 +28,7 @@ import soxr
 
 from clients.talk import talk
 
+STAGGER_CYCLE_S = 4.0
 QUESTIONS = [
     "What is the capital of France?",
     "How many legs does a spider have?",
@@ -73,7 +74,9 @@ def median(values: list[Any]) -> float | None:
 
 async def run_level(url: str, audio: list[np.ndarray], mode: str, sessions: int, turns: int) -> dict[str, Any]:
     async def one_session(i: int) -> list[dict[str, Any]]:
-        await asyncio.sleep(0.25 * i)  # stagger so turns don't all end in the same millisecond
+        # Spread session starts evenly over one turn cycle (~4 s: a question, then its reply), as independent
+        # callers would be; starting all at once would measure a synchronized burst instead.
+        await asyncio.sleep(STAGGER_CYCLE_S * i / sessions)
         out = []
         for t in range(turns):
             q = (i + t) % len(audio)
