@@ -4,7 +4,9 @@ In one run, with random weights of real architectures (step time does not depend
   (a) HBM bandwidth (copy, read, GEMV) and bf16 matmul rate; the decode-step floor = bytes / bandwidth;
   (b) decode step time at each batch size for: eager `DecoderLM.forward`, the CUDA-graph step (Triton
       split-KV attention), the same with torch.compile-fused elementwise work, and the graph step with
-      gather+SDPA attention over the whole cache; plus correctness checks of graph replay vs eager;
+      gather+SDPA attention over the whole cache; plus correctness checks of graph replay vs eager; and a
+      mixed step (64 decode rows + k prefill chunks of 128 tokens) as one ragged pass against the
+      per-sequence way (k prefill graphs + the decode graph);
   (c) simulated speak-first sessions on the real `Engine` + `MindPacer`, each with a real-time playback
       clock (one reply token = --ms-per-token of audio): turn end -> first reply token p50/p95, underruns;
   (d) the same sessions served naively: one HF `generate()` per brain per turn, in threads.
@@ -175,10 +177,11 @@ def measure_bandwidth(device: torch.device, quick: bool) -> dict[str, float]:
 # ---- (b) decode steps and correctness -----------------------------------------------------------
 
 
-def make_decoder(variant: str, model: DecoderLM, cache: Any, scratch: int, buckets: list[int]) -> GraphedDecoder:
+def make_decoder(variant: str, model: DecoderLM, cache: Any, scratch: int, buckets: list[int],
+                 ragged_buckets: tuple[int, ...] = ()) -> GraphedDecoder:
     attention = "torch" if variant == "graph+sdpa" or model.device.type != "cuda" else "triton"
     gd = GraphedDecoder(model, cache, scratch_slot=scratch, buckets=buckets, attention=attention,  # type: ignore[arg-type]
-                        compile=variant == "graph+compile")
+                        compile=variant == "graph+compile", ragged_buckets=ragged_buckets)
     gd.capture()
     return gd
 
@@ -223,6 +226,47 @@ def check_variant(variant: str, model: DecoderLM, ref: DecoderLM, seed: int = 1)
             "rel_err": errs, "argmax_agree": agree}
 
 
+def check_ragged(variant: str, model: DecoderLM, ref: DecoderLM, seed: int = 2) -> dict[str, Any]:
+    """One mixed step through the ragged graphs (decode rows at contexts crossing split boundaries; a 100-token
+    chunk; a 37-token chunk that completes its prompt and decodes in the same step) against eager `ref.forward`
+    run per sequence. Logits: relative error and argmax agreement of the decode rows."""
+    dev = model.device
+    ctxs = [c for c in (37, 255, 256, 511) if c < model.max_len - 2]
+    n = len(ctxs) + 2
+    g = torch.Generator().manual_seed(seed)
+    cache, ref_cache = model.new_cache(n + 1), ref.new_cache(n)
+    gd = make_decoder(variant, model, cache, n, [8], ragged_buckets=(256,))
+    vocab = model.spec.vocab_size
+    for row, c in enumerate(ctxs):
+        toks = torch.randint(0, vocab, (1, c), generator=g).to(dev)
+        pos, slot = torch.arange(c, device=dev)[None], torch.tensor([row], device=dev)
+        model.forward(cache, toks, pos, slot, kv_len=c)
+        ref.forward(ref_cache, toks, pos, slot, kv_len=c)
+    dec = torch.randint(0, vocab, (len(ctxs),), generator=g)
+    p_tok, q_tok = torch.randint(0, vocab, (100,), generator=g), torch.randint(0, vocab, (38,), generator=g)
+    tokens = torch.cat([dec, p_tok, q_tok])
+    positions = torch.cat([torch.tensor(ctxs), torch.arange(100), torch.arange(38)])
+    slots = torch.cat([torch.arange(len(ctxs)), torch.full((100,), n - 2), torch.full((38,), n - 1)])
+    rows = torch.tensor([*range(len(ctxs)), len(tokens) - 1])
+    if gd.graphs:
+        with torch.inference_mode():
+            gd._head[8][3].fill_(float("nan"))  # poison: every row must be written by the replay
+    out = gd.ragged(tokens, positions, slots, rows).float()
+    want = []
+    for row, c in enumerate(ctxs):
+        want.append(ref.forward(ref_cache, dec[row].view(1, 1).to(dev), torch.tensor([[c]], device=dev),
+                                torch.tensor([row], device=dev), kv_len=c + 1)[0])
+    ref.forward(ref_cache, p_tok[None].to(dev), torch.arange(100, device=dev)[None], torch.tensor([n - 2], device=dev),
+                kv_len=100)
+    want.append(ref.forward(ref_cache, q_tok[None].to(dev), torch.arange(38, device=dev)[None],
+                            torch.tensor([n - 1], device=dev), kv_len=38)[0])
+    w = torch.stack(want).float()
+    err = float((out - w).norm() / w.norm()) if bool(torch.isfinite(out).all()) else float("nan")
+    agree = float((out.argmax(-1) == w.argmax(-1)).float().mean())
+    del gd, cache, ref_cache
+    return {"variant": f"{variant}:ragged", "ctxs": ctxs, "rel_err": [err], "argmax_agree": [agree]}
+
+
 def decode_table(name: str, a: Args, device: torch.device, bw: dict[str, float]) -> dict[str, Any]:
     spec = ARCHS[name]
     model = random_model(spec, a.max_len, device, a.dtype)
@@ -238,11 +282,14 @@ def decode_table(name: str, a: Args, device: torch.device, bw: dict[str, float])
     for variant in variants:
         if variant == "eager":
             continue
-        try:
-            res["checks"].append(check_variant(variant, model, ref))
-        except Exception as exc:  # record and go on: one broken variant must not lose the rest
-            res["checks"].append({"variant": variant, "error": f"{type(exc).__name__}: {exc}"})
-        print(f"[{name}] check {res['checks'][-1]}", flush=True)
+        checks = [check_variant] + ([check_ragged] if variant != "graph+sdpa" else [])
+        for check in checks:
+            try:
+                res["checks"].append(check(variant, model, ref))
+            except Exception as exc:  # record and go on: one broken variant must not lose the rest
+                traceback.print_exc()
+                res["checks"].append({"variant": variant, "error": f"{type(exc).__name__}: {exc}"})
+            print(f"[{name}] check {res['checks'][-1]}", flush=True)
     del ref
     gc.collect()
     maxb = max(a.batches)
@@ -266,7 +313,9 @@ def time_variant(variant: str, model: DecoderLM, cache: Any, a: Args, device: to
                  nbytes: int) -> list[dict[str, Any]]:
     spec, maxb = model.spec, max(a.batches)
     batches = [b for b in a.batches if variant not in ("eager", "graph+sdpa") or b in (1, 8, 64) or a.quick]
-    gd = None if variant == "eager" else make_decoder(variant, model, cache, maxb, batches)
+    mixed = variant in ("graph", "graph+compile") and device.type == "cuda" and maxb >= 64 and a.ctx + 129 < a.max_len
+    gd = None if variant == "eager" else make_decoder(variant, model, cache, maxb, batches,
+                                                      ragged_buckets=(192, 320, 448) if mixed else ())
     rows = []
     for b in batches:
         tok = torch.randint(0, spec.vocab_size, (b,), device=device)
@@ -298,6 +347,30 @@ def time_variant(variant: str, model: DecoderLM, cache: Any, a: Args, device: to
                      "ms_p90": pct(ts, 90), "floor_ms": floor, "ratio": med / floor, "tokens_per_s": tb / med * 1e3,
                      "capture_s": gd.capture_seconds})
         print(f"  {variant}:prefill T={tb:4d} {med:8.3f} ms  floor {floor:7.3f} ms", flush=True)
+    for k in (1, 2, 3) if mixed and gd is not None else ():
+        # 64 decode rows at ctx, then k chunks of 128 tokens (slots 0..k-1 at ctx+1..ctx+128): one ragged pass
+        # against k one-sequence prefill graphs + the 64-row decode graph (the engine's way before).
+        b = 64
+        tokens = torch.randint(0, spec.vocab_size, (b + 128 * k,))
+        positions = torch.cat([torch.full((b,), a.ctx)] + [torch.arange(a.ctx + 1, a.ctx + 129)] * k)
+        slots = torch.cat([torch.arange(b)] + [torch.full((128,), i) for i in range(k)])
+        gd.ragged(tokens, positions, slots, torch.arange(b))
+        nb, bb = next(x for x in gd.ragged_buckets if x >= len(tokens)), gd.bucket(b)
+        ts = time_ms(lambda gd=gd, nb=nb, bb=bb: gd.replay_ragged(nb, bb), device, 20)
+        gd.decode(tokens[:b], positions[:b], slots[:b])
+        gd.prefill(tokens[b:b + 128], positions[b:b + 128], 0)
+
+        def old(gd: GraphedDecoder = gd, k: int = k) -> None:
+            for _ in range(k):
+                gd.replay_prefill(128)
+            gd.replay(gd.bucket(64))
+
+        ts_old = time_ms(old, device, 20)
+        med, med_old = float(np.median(ts)), float(np.median(ts_old))
+        rows.append({"variant": f"{variant}:mixed", "batch": b, "prefill_chunks": k, "tokens": len(tokens),
+                     "bucket": nb, "ms_median": med, "ms_p10": pct(ts, 10), "ms_p90": pct(ts, 90),
+                     "per_sequence_ms_median": med_old, "capture_s": gd.capture_seconds})
+        print(f"  {variant}:mixed B=64 + {k}x128 ({nb}) {med:8.3f} ms   per-sequence {med_old:8.3f} ms", flush=True)
     del gd
     return rows
 
@@ -405,6 +478,27 @@ def _summary(n: int, res: SimResult, wall: float, extra: dict[str, Any]) -> dict
             "underrun_ms": res.gap_ms, "reply_tokens": res.reply_tokens, "wall_s": wall, **extra}
 
 
+class TimedEngine(Engine):
+    """The engine, recording each step's host time (including the decode's sync) and whether it prefilled."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.step_times: list[tuple[float, bool]] = []
+
+    def _execute(self, plan: Any) -> None:
+        t0 = time.perf_counter()
+        super()._execute(plan)
+        self.step_times.append(((time.perf_counter() - t0) * 1e3, bool(plan.prefill)))
+
+
+def _step_stats(times: list[tuple[float, bool]]) -> dict[str, Any]:
+    all_ms = [t for t, _ in times]
+    pre = [t for t, p in times if p]
+    return {"step_ms_p50": pct(all_ms, 50), "step_ms_p95": pct(all_ms, 95), "step_ms_max": max(all_ms, default=None),
+            "prefill_steps": len(pre), "prefill_step_ms_p50": pct(pre, 50), "prefill_step_ms_p95": pct(pre, 95),
+            "prefill_step_ms_max": max(pre, default=None)}
+
+
 def engine_sessions(model: DecoderLM, a: Args, variant: str) -> dict[str, Any]:
     cuda = model.device.type == "cuda"
     slots = int(2.5 * max(a.sessions)) + 8
@@ -423,7 +517,7 @@ def engine_sessions(model: DecoderLM, a: Args, variant: str) -> dict[str, Any]:
     rows = []
     for run, n in enumerate([1, *a.sessions]):  # run 0 warms up the eager prefill path and is dropped
         warmup = run == 0 and not a.quick
-        engine = Engine(backend, sched)
+        engine = TimedEngine(backend, sched)
         engine.start()
 
         async def reply(i: int, conv: list[int], clock: PlaybackClock, t_end: float,
@@ -448,7 +542,7 @@ def engine_sessions(model: DecoderLM, a: Args, variant: str) -> dict[str, Any]:
         extra = {"engine_steps": st.steps, "step_ms_mean": st.busy_seconds / max(1, st.steps) * 1e3,
                  "decode_tok_s": st.decode_tokens / wall, "max_batch": st.max_batch,
                  "prefill_tokens": st.prefill_tokens, "prefill_saved": st.prefill_tokens_saved,
-                 "busy_frac": st.busy_seconds / wall}
+                 "busy_frac": st.busy_seconds / wall, **_step_stats(engine.step_times)}
         if not warmup:
             rows.append(_summary(n, res, wall, extra))
             print(f"  engine  {n:4d} sessions: {rows[-1]}", flush=True)
@@ -595,7 +689,10 @@ def print_summary(result: dict[str, Any]) -> None:
         for c in tab["checks"]:
             print(arch, "check", c)
         for r in tab["rows"]:
-            if "ms_median" in r:
+            if "per_sequence_ms_median" in r:
+                print(f"{arch:13s} {r['variant']:14s} B={r['batch']:4d} + {r['prefill_chunks']}x128 "
+                      f"{r['ms_median']:8.3f} ms  per-sequence {r['per_sequence_ms_median']:8.3f} ms")
+            elif "ms_median" in r:
                 print(f"{arch:13s} {r['variant']:14s} B={r['batch']:4d} {r['ms_median']:8.3f} ms "
                       f"floor {r['floor_ms']:7.3f} x{r['ratio']:.2f}")
             else:
@@ -603,8 +700,10 @@ def print_summary(result: dict[str, Any]) -> None:
     for key in ("sessions", "baseline"):
         for r in result.get(key, {}).get("rows", []):
             print(f"{key:9s} N={r['sessions']:4d} p50 {r['first_token_ms_p50']} p95 {r['first_token_ms_p95']} "
-                  f"underruns {r['underruns']} ({r['underrun_ms']:.0f} ms) turns {r['turns']} missed {r['missed']} "
-                  f"step {r.get('step_ms_mean')} batch {r.get('max_batch')}")
+                  f"max {r['first_token_ms_max']} underruns {r['underruns']} ({r['underrun_ms']:.0f} ms) "
+                  f"turns {r['turns']} missed {r['missed']} step {r.get('step_ms_mean')} "
+                  f"p95 {r.get('step_ms_p95')} max {r.get('step_ms_max')} prefill-step p95 "
+                  f"{r.get('prefill_step_ms_p95')} batch {r.get('max_batch')} busy {r.get('busy_frac')}")
 
 
 def meta(device: torch.device, a: Args) -> dict[str, Any]:

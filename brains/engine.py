@@ -5,6 +5,12 @@ engine thread loops: take commands (submit, cancel), admit waiting sequences int
 (reusing the longest cached prefix), ask the pure scheduler for a plan, run that plan's prefill chunks
 and one batched decode over every chosen sequence of every session, and hand the new tokens back to
 the loop with `call_soon_threadsafe` (moshi-server's compute thread; vLLM's EngineCore).
+
+Every forward re-reads all the weights (~15 GB for an 8B model), so a step costs about one weight read
+however many tokens it carries: a step runs as few forwards as it can. A backend with `forward_ragged`
+(feature-detected: `backend.ragged` is true) runs the step's prefill chunks and decode rows as one flat
+batch and computes logits for the decode rows only. Any other backend gets all prefill chunks as the rows
+of one padded [B, T] forward, then the batched decode.
 """
 
 from __future__ import annotations
@@ -44,6 +50,18 @@ class Backend(Protocol):
                 kv_len: int) -> torch.Tensor: ...
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None: ...
+
+
+class RaggedBackend(Backend, Protocol):
+    """Optional: one forward over N tokens of any mix of sequences (tokens, positions, slots: [N]; a slot's tokens
+    in increasing position). Each token writes its key/value at (slot, position), then attends to its slot's
+    keys 0..position, this call's included. Returns float32 logits [R, V] of `logit_rows` ([R]) only. The engine
+    uses it when `ragged` is true."""
+
+    ragged: bool
+
+    def forward_ragged(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                       logit_rows: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -312,22 +330,29 @@ class Engine:
     def _execute(self, plan: StepPlan) -> None:
         self._step += 1
         self.stats.steps += 1
+        # (sequence, first position, tokens) of each prefill chunk; state changes only once its forward ran.
+        chunks = []
         for seq_id, n in plan.prefill:
             seq = self._live[seq_id]
-            chunk = seq.tokens[seq.kv_len: seq.kv_len + n]
-            self._forward([seq], [chunk], prefill=True)
-            seq.kv_len += len(chunk)
-            seq.last_step = next(self._served)
-            self.stats.prefill_tokens += len(chunk)
+            chunks.append((seq, seq.kv_len, seq.tokens[seq.kv_len: seq.kv_len + n]))
+        completes = {seq.seq_id for seq, start, chunk in chunks if start + len(chunk) == len(seq.tokens) - 1}
         decode = list(plan.decode)
-        # A prompt whose prefill just completed decodes in the same step: its first token comes a step
-        # sooner, and it shares the batched forward rather than costing one of its own.
+        # A prompt whose prefill completes in this step decodes in it too: its first token comes a step sooner,
+        # and it shares the batched forward rather than costing one of its own.
         for i, _ in plan.prefill:
-            if len(decode) < self.cfg.max_batch and self._live[i].kv_len == len(self._live[i].tokens) - 1:
+            if len(decode) < self.cfg.max_batch and i in completes:
                 decode.append(i)
-        if decode:
-            seqs = [self._live[i] for i in decode]
-            logits = self._forward(seqs, [[s.tokens[s.kv_len]] for s in seqs], prefill=False)
+        seqs = [self._live[i] for i in decode]
+        if chunks and getattr(self.backend, "ragged", False):
+            logits = self._forward_ragged(chunks, seqs)  # the whole step: one pass over the weights
+            self._prefilled(chunks)
+        else:
+            if chunks:
+                self._prefill_batched(chunks)
+                self._prefilled(chunks)
+            if seqs:
+                logits = self._forward([(s, s.kv_len, [s.tokens[s.kv_len]]) for s in seqs])
+        if seqs:
             self.stats.decode_tokens += len(seqs)
             self.stats.max_batch = max(self.stats.max_batch, len(seqs))
             # One batched argmax (a single device->host sync on GPU) for all greedy rows.
@@ -338,16 +363,59 @@ class Engine:
                 t = seq.req.temperature
                 self._accept(seq, greedy[row] if t <= 0 else self._sample(logits[row], t))
 
-    def _forward(self, seqs: list[_Seq], chunks: list[list[int]], prefill: bool) -> torch.Tensor:
-        width = max(len(c) for c in chunks)
-        tokens = torch.zeros((len(seqs), width), dtype=torch.long)
-        positions = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, (seq, chunk) in enumerate(zip(seqs, chunks, strict=True)):
+    def _prefilled(self, chunks: list[tuple[_Seq, int, list[int]]]) -> None:
+        for seq, _, chunk in chunks:
+            seq.kv_len += len(chunk)
+            seq.last_step = next(self._served)
+            self.stats.prefill_tokens += len(chunk)
+
+    def _prefill_batched(self, chunks: list[tuple[_Seq, int, list[int]]]) -> None:
+        """All chunks as the rows of one forward, padded to the longest. A padding token of row b lands at a
+        position after the row's chunk, in the row's own slot: no real token of this forward attends to it
+        (each sees positions <= its own), and the sequence's next token is written there before anything reads
+        it (the KV cache is filled in position order, and only positions < kv_len count as computed, for prefix
+        reuse too). A row whose padding would pass the end of the cache runs on its own, unpadded. The logits are
+        not used: the decode consumes a prompt's last token."""
+        width = max(len(c) for _, _, c in chunks)
+        batch = [c for c in chunks if c[1] + width <= self.backend.max_len]
+        alone = [c for c in chunks if c[1] + width > self.backend.max_len]
+        for group in ([batch] if batch else []) + [[c] for c in alone]:
+            self._forward(group)
+
+    def _forward(self, rows: list[tuple[_Seq, int, list[int]]]) -> torch.Tensor:
+        """Rows of (sequence, first position, tokens), padded to the longest: logits of each row's last column."""
+        width = max(len(c) for _, _, c in rows)
+        tokens = torch.zeros((len(rows), width), dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, (_, start, chunk) in enumerate(rows):
             tokens[row, : len(chunk)] = torch.tensor(chunk)
-            positions[row] = torch.arange(seq.kv_len, seq.kv_len + width)
-        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long)
+            positions[row] = torch.arange(start, start + width)
+        slots = torch.tensor([s.slot for s, _, _ in rows], dtype=torch.long)
         kv_len = int(positions.max()) + 1
         return self.backend.forward(tokens, positions, slots, kv_len)
+
+    def _forward_ragged(self, chunks: list[tuple[_Seq, int, list[int]]], seqs: list[_Seq]) -> torch.Tensor:
+        """The prefill chunks, then one token per decode row (a row whose prefill completes here comes after its
+        chunk, at the next position), flattened into one call; logits for the decode rows."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        after = {}
+        for seq, start, chunk in chunks:
+            tokens += chunk
+            positions += range(start, start + len(chunk))
+            slots += [seq.slot] * len(chunk)
+            after[seq.seq_id] = start + len(chunk)
+        rows = []
+        for seq in seqs:
+            pos = after.get(seq.seq_id, seq.kv_len)
+            rows.append(len(tokens))
+            tokens.append(seq.tokens[pos])
+            positions.append(pos)
+            slots.append(seq.slot)
+        backend: RaggedBackend = self.backend  # type: ignore[assignment]
+        return backend.forward_ragged(torch.tensor(tokens), torch.tensor(positions), torch.tensor(slots),
+                                      torch.tensor(rows, dtype=torch.long))
 
     @staticmethod
     def _sample(logits: torch.Tensor, temperature: float) -> int:

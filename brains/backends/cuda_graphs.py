@@ -15,6 +15,12 @@ more time launching than reading weights. So the step is captured once per batch
 
 `GraphedDecoder.decode` returns the logits as a view of the bucket's static output buffer: it is valid
 until the next `decode` call. With `graphs=False` (CPU) the same step runs eagerly, unpadded.
+
+`GraphedDecoder.ragged` runs one engine step that mixes prefill chunks of several sequences and decode rows
+as one flat batch of N tokens, each with its own (slot, position): one pass over the weights for the whole
+step, captured per N bucket. The new keys/values are scattered into the cache first; then a grouped split-KV
+kernel lets each run of up to `RAGGED_GROUP` tokens of one slot share its key tiles (causal per token). Only
+the rows asked for get logits (a second, small graph per row-count bucket): prefill tokens get none.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128)
 DEFAULT_PREFILL_BUCKETS: tuple[int, ...] = (16, 32, 64, 128)
+DEFAULT_RAGGED_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512)
+RAGGED_GROUP = 16  # tokens of one slot that share one program of the ragged attention kernel
 Attention = Literal["auto", "triton", "torch"]
 BLOCK_N = 64  # keys per inner tile of the split-KV kernel
 TARGET_PROGRAMS = 1024  # split the keys so that a full-length batch keeps ~8 programs per multiprocessor
@@ -159,6 +167,58 @@ if triton is not None:
         out = tl.sum(w[:, None] * o, 0) / tl.sum(w, 0)
         tl.store(Out + b * sout_b + h * sout_h + d, out.to(Out.dtype.element_ty))
 
+    @triton.jit
+    def _attn_ragged_kernel(Q, KC, VC, Slots, Pos, GStart, GLen, Part, LSE,
+                            sq_n, sq_h, sc_s, sc_h, sc_l, so_n, so_h, so_s, sl_n, sl_h, qk_scale,
+                            G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, HD: tl.constexpr,
+                            SPLIT_N: tl.constexpr, BLOCK: tl.constexpr):
+        """Program (group, kv head, split): a group is up to BM rows (tokens) of one slot, each with its own
+        position; its BM x G query heads form one tile, so the group reads each key tile once. Every key,
+        the step's own included, is read from the cache (the caller scattered the new ones there first);
+        row r sees keys 0..pos[r] of the split's range. Empty groups (length 0) store nothing."""
+        gi = tl.program_id(0)
+        kvh = tl.program_id(1)
+        sp = tl.program_id(2)
+        glen = tl.load(GLen + gi).to(tl.int32)
+        g0 = tl.load(GStart + gi).to(tl.int64)
+        slot = tl.load(Slots + g0).to(tl.int64)
+        m = tl.arange(0, BM * GP)
+        i = m // GP
+        j = m % GP
+        rmask = i < glen
+        valid = rmask & (j < G)
+        row = g0 + i
+        pos = tl.load(Pos + row, mask=rmask, other=-1).to(tl.int32)  # -1: a row that sees no key
+        d = tl.arange(0, HD)
+        heads = kvh * G + j
+        q = tl.load(Q + row[:, None] * sq_n + heads[:, None] * sq_h + d[None, :], mask=valid[:, None], other=0.0)
+        start = sp * SPLIT_N
+        end = tl.minimum(start + SPLIT_N, tl.max(pos, 0) + 1)
+        base = slot * sc_s + kvh * sc_h
+        m_i = tl.full([BM * GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([BM * GP], tl.float32)
+        acc = tl.zeros([BM * GP, HD], tl.float32)
+        for n0 in range(start, end, BLOCK):
+            n = n0 + tl.arange(0, BLOCK)
+            nmask = n < end
+            offs = base + n.to(tl.int64)[:, None] * sc_l + d[None, :]
+            k = tl.load(KC + offs, mask=nmask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.where(nmask[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet stay at zero
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(VC + offs, mask=nmask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        safe_l = tl.where(l_i > 0, l_i, 1.0)
+        tl.store(Part + row[:, None] * so_n + heads[:, None] * so_h + sp * so_s + d[None, :], acc / safe_l[:, None],
+                 mask=valid[:, None])
+        lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
+        tl.store(LSE + row * sl_n + heads * sl_h + sp, lse, mask=valid)
+
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
@@ -196,6 +256,47 @@ def attention_triton(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     _attn_reduce_kernel[(B, H)](o, lse, out, o.stride(0), o.stride(1), o.stride(2), lse.stride(0),
                                 lse.stride(1), out.stride(0), out.stride(1), ns, NS_PAD=max(2, _pow2(ns)), HD=hd,
                                 num_warps=4)
+    return out
+
+
+def ragged_groups(slots: Sequence[int], group: int = RAGGED_GROUP) -> tuple[list[int], list[int]]:
+    """Runs of consecutive rows with the same slot, cut into groups of at most `group` rows: (starts, lengths)."""
+    starts, lens = [], []
+    i, n = 0, len(slots)
+    while i < n:
+        j = i + 1
+        while j < n and j - i < group and slots[j] == slots[i]:
+            j += 1
+        starts.append(i)
+        lens.append(j - i)
+        i = j
+    return starts, lens
+
+
+def attention_ragged_triton(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor,
+                            positions: torch.Tensor, gstart: torch.Tensor, glen: torch.Tensor) -> torch.Tensor:
+    """Attention of N tokens (q: [N, H, hd]), each over keys 0..positions[t] of its slot, whose new keys and values
+    are already in the cache. gstart, glen: [NG] groups of rows of one slot (see `ragged_groups`); groups of length
+    0 are skipped, and every row must be in one group. Returns [N, H, hd]."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    N, H, hd = q.shape
+    _, kvh, L, _ = kc.shape
+    assert kc.stride(3) == 1 and kc.stride() == vc.stride() and hd == _pow2(hd) and q.stride(2) == 1
+    G = H // kvh
+    split = split_size(N, kvh, L)
+    ns = triton.cdiv(L, split)
+    o = torch.empty((N, H, ns, hd), device=q.device, dtype=torch.float32)
+    lse = torch.empty((N, H, ns), device=q.device, dtype=torch.float32)
+    scale = 1.0 / math.sqrt(hd) * 1.4426950408889634
+    _attn_ragged_kernel[(gstart.shape[0], kvh, ns)](
+        q, kc, vc, slots, positions, gstart, glen, o, lse,
+        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), o.stride(0), o.stride(1), o.stride(2),
+        lse.stride(0), lse.stride(1), scale,
+        G=G, GP=_pow2(G), BM=RAGGED_GROUP, HD=hd, SPLIT_N=split, BLOCK=BLOCK_N, num_warps=4)
+    out = torch.empty((N, H, hd), device=q.device, dtype=q.dtype)
+    _attn_reduce_kernel[(N, H)](o, lse, out, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+                                out.stride(0), out.stride(1), ns, NS_PAD=max(2, _pow2(ns)), HD=hd, num_warps=4)
     return out
 
 
@@ -290,6 +391,30 @@ class DecodeStep:
 
         return self._logits(self._layers(tokens, positions, attend).index_select(0, last))
 
+    @torch.inference_mode()
+    def ragged(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, gstart: torch.Tensor,
+               glen: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        """N tokens, each with its own slot and position (tokens, positions, slots: [N]), e.g. prefill chunks of
+        several sequences and decode rows in one pass. Every token's key/value is written at (slot, position)
+        before any token attends, so a token sees the keys of this call's tokens of its slot at lower positions.
+        (slot, position) pairs must be distinct, except on a scratch slot nobody reads. gstart, glen: the row
+        groups of the Triton kernel (`ragged_groups`). Returns the final hidden states [N, D], no logits."""
+        cache = self.cache
+
+        def attend(li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kc, vc = cache.k[li], cache.v[li]
+            if self.attention == "torch":  # writes, then attends over the gathered slots (CPU, CI)
+                return attention_torch(q, k, v, kc, vc, slots, positions, kv_len)
+            kc[slots, :, positions] = k
+            vc[slots, :, positions] = v
+            return attention_ragged_triton(q, kc, vc, slots, positions, gstart, glen)
+
+        return self._layers(tokens, positions, attend)
+
+    def head(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [R, V] of hidden[rows]."""
+        return self._logits(hidden.index_select(0, rows))
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
         return _linear(_rms(x, m.norm, m.spec.rms_eps), m.lm_head).float()
@@ -315,13 +440,16 @@ class DecodeStep:
 
 
 class GraphedDecoder:
-    """The decode step captured once per batch bucket, and a one-sequence prefill step once per chunk-length
-    bucket. `decode` / `prefill` pad the inputs, replay and return logits."""
+    """The decode step captured once per batch bucket, a one-sequence prefill step once per chunk-length
+    bucket, and the ragged step (mixed prefill chunks and decode rows) once per token-count bucket, with its
+    logits head once per batch bucket. `decode` / `prefill` / `ragged` pad the inputs, replay and return
+    logits."""
 
     def __init__(self, model: DecoderLM, cache: KVCache, scratch_slot: int,
                  buckets: Sequence[int] = DEFAULT_BUCKETS, attention: Attention = "auto",
                  compile: bool = False, graphs: bool | None = None,
-                 prefill_buckets: Sequence[int] = DEFAULT_PREFILL_BUCKETS) -> None:
+                 prefill_buckets: Sequence[int] = DEFAULT_PREFILL_BUCKETS,
+                 ragged_buckets: Sequence[int] = DEFAULT_RAGGED_BUCKETS) -> None:
         if not 0 <= scratch_slot < cache.slots:
             raise ValueError("the scratch slot must be a slot of the cache that no sequence uses")
         self.step = DecodeStep(model, cache, attention, compile)
@@ -330,12 +458,17 @@ class GraphedDecoder:
         self.scratch_slot = scratch_slot
         self.buckets = tuple(sorted(set(buckets)))
         self.prefill_buckets = tuple(sorted(set(prefill_buckets)))
+        self.ragged_buckets = tuple(sorted(set(ragged_buckets)))
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         # bucket -> (graph, device inputs, pinned host inputs, output); prefill keyed by chunk length.
         self._decode: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._prefill: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._ragged: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._head: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # The ragged graphs' final hidden states, read by the head graphs (one buffer: any pair can follow).
+        self._hidden: torch.Tensor | None = None
         self._copied: torch.cuda.Event | None = None
         self.capture_seconds = 0.0
 
@@ -353,6 +486,26 @@ class GraphedDecoder:
 
     def _prefill_views(self, flat: torch.Tensor, tb: int) -> tuple[torch.Tensor, ...]:
         return flat[:tb], flat[tb:2 * tb], flat[2 * tb:3 * tb], flat[3 * tb:3 * tb + 1], flat[3 * tb + 1:]
+
+    # ragged [tokens | positions | slots | group starts | group lengths] (5*Nb); head [rows] (Bb).
+    def _ragged_views(self, flat: torch.Tensor, nb: int) -> tuple[torch.Tensor, ...]:
+        return tuple(flat[i * nb:(i + 1) * nb] for i in range(5))
+
+    def _head_views(self, flat: torch.Tensor, bb: int) -> tuple[torch.Tensor, ...]:
+        return (flat,)
+
+    def _fill_ragged(self, flat: torch.Tensor, nb: int, tokens: Any, positions: Any, slots: Any) -> None:
+        n = len(tokens)
+        flat.zero_()
+        tok, pos, slot, gstart, glen = self._ragged_views(flat, nb)
+        tok[:n], pos[:n], slot[:n] = (torch.as_tensor(t, dtype=torch.long) for t in (tokens, positions, slots))
+        slot[n:] = self.scratch_slot  # padding tokens: the scratch slot, position 0
+        starts, lens = ragged_groups(slot.tolist())
+        gstart[:len(starts)], glen[:len(lens)] = torch.tensor(starts), torch.tensor(lens)
+
+    def _fill_head(self, flat: torch.Tensor, bb: int, rows: Any) -> None:
+        flat.zero_()
+        flat[:len(rows)] = torch.as_tensor(rows, dtype=torch.long)
 
     def _fill_decode(self, flat: torch.Tensor, bb: int, tokens: Any, positions: Any, slots: Any) -> None:
         n = len(tokens)
@@ -399,10 +552,22 @@ class GraphedDecoder:
             self._fill_prefill(flat, tb, [0], [0], scratch)
             self._prefill[tb] = self._capture_one(pool, tb, self.step.prefill, self._prefill_views,
                                                   flat.to(self.device))
+        if self.ragged_buckets:
+            m = self.model
+            self._hidden = torch.zeros((self.ragged_buckets[-1], m.spec.d_model), device=self.device, dtype=m.dtype)
+            for nb in sorted(self.ragged_buckets, reverse=True):
+                flat = torch.zeros(5 * nb, dtype=torch.long)
+                self._fill_ragged(flat, nb, [0], [0], [scratch])
+                self._ragged[nb] = self._capture_one(pool, nb, self._ragged_body, self._ragged_views,
+                                                     flat.to(self.device))
+            for bb in sorted(self.buckets, reverse=True):
+                self._head[bb] = self._capture_one(pool, bb, self._ragged_head, self._head_views,
+                                                   torch.zeros(bb, dtype=torch.long, device=self.device))
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - t0
-        log.info("captured %d decode and %d prefill graphs in %.1f s (attention=%s, compiled=%s)",
-                 len(self._decode), len(self._prefill), self.capture_seconds, self.step.attention, self.step.compiled)
+        log.info("captured %d decode, %d prefill and %d ragged graphs in %.1f s (attention=%s, compiled=%s)",
+                 len(self._decode), len(self._prefill), len(self._ragged), self.capture_seconds, self.step.attention,
+                 self.step.compiled)
         return self.capture_seconds
 
     def _load(self, entry: tuple, fill: Callable[..., None], size: int, *args: Any) -> torch.Tensor:
@@ -454,12 +619,68 @@ class GraphedDecoder:
         tb = next(b for b in self.prefill_buckets if b >= n)
         return self._load(self._prefill[tb], self._fill_prefill, tb, tokens.cpu(), positions.cpu(), slot)
 
+    def _ragged_body(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, gstart: torch.Tensor,
+                     glen: torch.Tensor) -> torch.Tensor:
+        assert self._hidden is not None
+        x = self.step.ragged(tokens, positions, slots, gstart, glen)
+        return self._hidden[:x.shape[0]].copy_(x)
+
+    def _ragged_head(self, rows: torch.Tensor) -> torch.Tensor:
+        assert self._hidden is not None
+        return self.step.head(self._hidden, rows)
+
+    @property
+    def max_ragged(self) -> int:
+        return self.ragged_buckets[-1] if self.ragged_buckets else 1 << 62
+
+    @torch.inference_mode()
+    def ragged(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+               logit_rows: torch.Tensor) -> torch.Tensor:
+        """One pass over N tokens (tokens, positions, slots: [N]) of any mix of sequences: each token's key/value
+        is written at (slots[t], positions[t]) and the token attends to its slot's keys 0..positions[t], this
+        call's included. A slot's tokens must come in increasing position. Returns float32 logits [R, V] of the
+        rows `logit_rows` ([R]; on the device, valid until the next call); R = 0 computes no logits."""
+        n, r = tokens.shape[0], logit_rows.shape[0]
+        if n > self.max_ragged:  # more tokens than the largest graph: run consecutive pieces, in order
+            m = self.max_ragged
+            out = torch.empty((r, self.model.spec.vocab_size), device=self.device, dtype=torch.float32)
+            for i in range(0, n, m):
+                sel = ((logit_rows >= i) & (logit_rows < i + m)).nonzero().flatten()
+                part = self.ragged(tokens[i:i + m], positions[i:i + m], slots[i:i + m], logit_rows[sel] - i)
+                out[sel.to(self.device)] = part
+            return out
+        if not self.graphs:
+            dev = self.device
+            starts, lens = ragged_groups(slots.tolist())
+            x = self.step.ragged(tokens.to(dev), positions.to(dev), slots.to(dev), torch.tensor(starts, device=dev),
+                                 torch.tensor(lens, device=dev), kv_len=int(positions.max()) + 1)
+            return self.step.head(x, logit_rows.to(dev))
+        if not self.ragged_buckets:
+            raise RuntimeError("this decoder was built without ragged buckets")
+        if not self._ragged:
+            self.capture()
+        nb = next(b for b in self.ragged_buckets if b >= n)
+        self._load(self._ragged[nb], self._fill_ragged, nb, tokens.cpu(), positions.cpu(), slots.cpu())
+        if r == 0:
+            return torch.empty((0, self.model.spec.vocab_size), device=self.device, dtype=torch.float32)
+        if r > self.max_bucket:
+            m = self.max_bucket
+            return torch.cat([self._load(self._head[m], self._fill_head, m, logit_rows[i:i + m].cpu())
+                              [:min(m, r - i)].clone() for i in range(0, r, m)])
+        bb = self.bucket(r)
+        return self._load(self._head[bb], self._fill_head, bb, logit_rows.cpu())[:r]
+
     def replay(self, bb: int) -> None:
         """Replay one decode bucket's graph on whatever its static inputs hold (for timing)."""
         self._decode[bb][0].replay()
 
     def replay_prefill(self, tb: int) -> None:
         self._prefill[tb][0].replay()
+
+    def replay_ragged(self, nb: int, bb: int) -> None:
+        """Replay a ragged step: the body graph for `nb` tokens, then the logits head for `bb` rows."""
+        self._ragged[nb][0].replay()
+        self._head[bb][0].replay()
 
     def output(self, bb: int) -> torch.Tensor:
         return self._decode[bb][3]

@@ -1,4 +1,5 @@
-"""The engine thread on a fake backend: streaming, stops, batching, cancellation, prefix reuse, failures."""
+"""The engine thread on a fake backend: streaming, stops, batching, cancellation, prefix reuse, failures; and a
+step's prefill chunks in one forward (padded rows, or one ragged pass) on the fake and on a tiny real model."""
 
 from __future__ import annotations
 
@@ -6,9 +7,15 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
 
 import pytest
+import torch
 
+from brains.backends.cuda_graphs import GraphedDecoder
+from brains.backends.decoder import ArchSpec, DecoderLM
+from brains.backends.torch_backend import TorchBackend
 from brains.engine import Engine, GenerationRequest, SlotPool, TokenStream, common_prefix
 from brains.scheduler import SchedulerConfig
 from realtime.errors import EngineError
@@ -434,3 +441,253 @@ async def test_failure_mid_stream_keeps_tokens_already_delivered(make_engine: Ma
         got += await collect(a)
     assert got == reference([1, 2, 3], 2)
     assert await collect(engine.submit(req([3, 2, 1], max_new=4))) == reference([3, 2, 1], 4)
+
+
+# ---------------------------------------------------------------- one forward per step
+
+
+class RaggedFakeBackend(FakeBackend):
+    """The fake with the optional `forward_ragged`: a step's tokens of any sequences, flat, in one call."""
+
+    ragged = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ragged_calls: list[tuple[list[int], list[int], list[int], list[int]]] = []
+
+    def forward_ragged(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                       logit_rows: torch.Tensor) -> torch.Tensor:
+        self._gate()
+        toks, pos, sl, rows = tokens.tolist(), positions.tolist(), slots.tolist(), logit_rows.tolist()
+        self.ragged_calls.append((toks, pos, sl, rows))
+        if self.fail_next is not None:
+            exc, self.fail_next = self.fail_next, None
+            raise exc
+        if not len(toks) == len(pos) == len(sl) or tokens.dim() != 1:
+            self._misuse(f"ragged shapes {tuple(tokens.shape)} {tuple(positions.shape)} {tuple(slots.shape)}")
+        if len(set(zip(sl, pos, strict=True))) != len(sl):
+            self._misuse("one (slot, position) twice in a ragged call")
+        for tok, p, s in zip(toks, pos, sl, strict=True):  # all writes, in order, before any read
+            if not 0 <= s < self.slots or p >= self.max_len:
+                self._misuse(f"slot {s} / position {p} out of range")
+            if p > self.valid[s]:
+                self._misuse(f"slot {s}: write at position {p} but only {self.valid[s]} valid")
+            self.cache[s][p] = tok
+            self.valid[s] = p + 1
+        logits = torch.zeros((len(rows), self.vocab))
+        for r, row in enumerate(rows):
+            logits[r, self.next_token(self.cache[sl[row]][: pos[row] + 1])] = 1.0
+        return logits
+
+
+def _distinct_prompts(lengths: list[int]) -> list[list[int]]:
+    """Prompts that share no prefix (so no sibling waits for another's prefill)."""
+    return [[(11 * i + 5 * j + 1) % 90 for j in range(n)] for i, n in enumerate(lengths)]
+
+
+async def test_a_steps_prefill_chunks_share_one_padded_forward(make_engine: MakeEngine) -> None:
+    cfg = SchedulerConfig(token_budget=256, max_batch=64, prefill_chunk=8)
+    engine, backend = make_engine(FakeBackend(slots=6), cfg=cfg, start=False)
+    prompts = _distinct_prompts([3, 9, 20, 17, 2, 30])
+    streams = [engine.submit(req(p, max_new=7)) for p in prompts]
+    engine.start()
+    outs = await asyncio.gather(*(collect(s) for s in streams))
+    assert outs == [reference(p, 7) for p in prompts]
+    # Step 1: six chunks (2, 1 and four of 8 tokens) as one [6, 8] forward, then the three completed prompts decode.
+    first = backend.calls[0]
+    assert (first.batch, first.width) == (6, 8)
+    assert [c.batch for c in backend.calls[1:2]] == [3] and backend.calls[1].width == 1
+    # Four steps prefill (the longest prompt has 29 tokens to prefill): one prefill forward each.
+    assert len([c for c in backend.calls if c.width > 1]) == 4
+    assert len(backend.calls) <= 2 * engine.stats.steps
+    assert engine.stats.prefill_tokens == sum(len(p) - 1 for p in prompts)
+    assert not backend.misuse
+
+
+async def test_padded_prefill_never_writes_past_the_cache(make_engine: MakeEngine) -> None:
+    """A row whose padding would run past max_len is not padded: it runs on its own."""
+    cfg = SchedulerConfig(token_budget=256, max_batch=64, prefill_chunk=9)
+    engine, backend = make_engine(FakeBackend(slots=2, max_len=32), cfg=cfg, start=False)
+    a_prompt, b_prompt = _distinct_prompts([31, 20])
+    backend.pause()
+    engine.start()
+    a = engine.submit(req(a_prompt, max_new=5))
+    backend.allow(2)  # A's chunks at 0 and 9; the one at 18 is in progress when B arrives
+    assert await asyncio.to_thread(backend.wait_blocked)
+    b = engine.submit(req(b_prompt, max_new=5))
+    backend.resume()
+    a_out, b_out = await asyncio.gather(collect(a), collect(b))
+    assert a_out == reference(a_prompt, 1)  # 31 + 1 tokens fill the cache
+    assert b_out == reference(b_prompt, 5)
+    assert all(p < 32 for c in backend.calls for row in c.positions for p in row)
+    # The step with A's last chunk (27..29) and B's first (0..8): A alone (27 + 9 > 32), B alone in its batch.
+    assert any(c.positions == [[27, 28, 29]] for c in backend.calls)
+    assert any(c.positions == [list(range(9))] and c.batch == 1 for c in backend.calls)
+    assert not backend.misuse
+
+
+async def test_ragged_backend_runs_each_step_in_one_forward(make_engine: MakeEngine) -> None:
+    cfg = SchedulerConfig(token_budget=256, max_batch=64, prefill_chunk=8)
+    backend = RaggedFakeBackend(slots=6)
+    engine, _ = make_engine(backend, cfg=cfg, start=False)
+    prompts = _distinct_prompts([3, 9, 20, 17, 2, 30])
+    streams = [engine.submit(req(p, max_new=7)) for p in prompts]
+    engine.start()
+    outs = await asyncio.gather(*(collect(s) for s in streams))
+    assert outs == [reference(p, 7) for p in prompts]
+    assert len(backend.calls) + len(backend.ragged_calls) == engine.stats.steps  # one forward a step
+    assert len(backend.ragged_calls) == 4  # the steps with prefill chunks
+    assert all(c.width == 1 for c in backend.calls)  # the others: the plain batched decode
+    toks, pos, slots, rows = backend.ragged_calls[0]
+    assert len(set(slots)) == 6 and len(toks) == 2 + 1 + 4 * 8 + 3  # six chunks, then three decode rows
+    assert rows == [len(toks) - 3, len(toks) - 2, len(toks) - 1]  # logits for the decode rows only
+    # A prompt completed in this step decodes right after its chunk, at the next position of its slot.
+    for row in rows:
+        assert pos[row] == max(p for p, s in zip(pos, slots, strict=True) if s == slots[row])
+    assert not backend.misuse
+
+
+async def test_ragged_backend_with_prefix_reuse_and_siblings(make_engine: MakeEngine) -> None:
+    cfg = SchedulerConfig(token_budget=64, max_batch=64, prefill_chunk=8)
+    backend = RaggedFakeBackend(slots=4)
+    engine, _ = make_engine(backend, cfg=cfg, start=False)
+    shared = [(7 * i + 3) % 50 for i in range(60)]
+    fb_prompt, ab_prompt, other = [*shared, 90], [*shared, 91, 92], _distinct_prompts([1, 1, 25])[2]
+    fb = engine.submit(req(fb_prompt, max_new=6, brain="fb"))
+    ab = engine.submit(req(ab_prompt, max_new=6, brain="ab"))
+    oth = engine.submit(req(other, max_new=9))
+    engine.start()
+    fb_out, ab_out, other_out = await asyncio.gather(collect(fb), collect(ab), collect(oth))
+    assert (fb_out, ab_out, other_out) == (reference(fb_prompt, 6), reference(ab_prompt, 6), reference(other, 9))
+    assert ab.reused_prefix >= len(shared) - 16
+    # A follow-up turn reuses the finished FB's cache and prefills its tail in a ragged step.
+    follow = [*fb_prompt, *fb_out, 3, 1, 4]
+    stream = engine.submit(req(follow, max_new=5))
+    assert await collect(stream) == reference(follow, 5)
+    assert stream.reused_prefix == len(fb_prompt) + len(fb_out) - 1
+    assert not backend.misuse
+
+
+async def test_ragged_failure_leaves_no_half_computed_cache(make_engine: MakeEngine) -> None:
+    backend = RaggedFakeBackend(slots=2)
+    engine, _ = make_engine(backend, start=False)
+    a = engine.submit(req([1, 2, 3, 4, 5], max_new=10))
+    b = engine.submit(req([9, 8, 7], max_new=10))
+    backend.fail_next = RuntimeError("boom")
+    engine.start()
+    for stream in (a, b):
+        with pytest.raises(EngineError, match="boom"):
+            await collect(stream)
+    # The failed prefill's keys were never counted as computed: the same prompts start from scratch.
+    c = engine.submit(req([1, 2, 3, 4, 5], max_new=10))
+    assert await collect(c) == reference([1, 2, 3, 4, 5], 10)
+    assert c.reused_prefix == 0
+    assert not backend.misuse
+
+
+# A tiny real model: batched prefill (padded rows, or one ragged pass) against each request alone.
+TINY = ArchSpec(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64, vocab_size=64,
+                rms_eps=1e-6, rope_theta=1e4, qk_norm=True)
+
+
+async def _run_engine(backend: Any, prompts: list[list[int]], cfg: SchedulerConfig,
+                      together: bool) -> list[list[int]]:
+    async def run(batch: list[list[int]]) -> list[list[int]]:
+        engine = Engine(backend, cfg)
+        streams = [engine.submit(req(p, max_new=6)) for p in batch]  # all admitted at the first step
+        engine.start()
+        try:
+            return list(await asyncio.gather(*(collect(s, timeout=60) for s in streams)))
+        finally:
+            engine.close()
+
+    if together:
+        return await run(prompts)
+    return [(await run([p]))[0] for p in prompts]
+
+
+@pytest.mark.parametrize("kind", ["padded", "ragged"])
+async def test_batched_prefill_matches_per_sequence_on_a_real_model(kind: str) -> None:
+    model = DecoderLM.random(TINY, 64, "cpu", torch.float64, seed=5)
+    # Small ragged buckets: step 1 (31 prefill tokens + 2 decode rows) runs as two consecutive pieces.
+    backend = TorchBackend(model, 6, cuda_graphs=kind == "ragged", ragged_buckets=(8, 16, 32))
+    assert bool(getattr(backend, "ragged", False)) == (kind == "ragged")
+    cfg = SchedulerConfig(token_budget=64, max_batch=16, prefill_chunk=8)
+    prompts = [[(13 * i + 7 * j + 2) % 64 for j in range(n)] for i, n in enumerate([2, 7, 19, 26, 12])]
+    alone = await _run_engine(backend, prompts, cfg, together=False)
+    shapes: list[tuple[int, ...]] = []
+    forward, forward_ragged = backend.forward, backend.forward_ragged
+
+    def spy(tokens: torch.Tensor, *args: Any) -> torch.Tensor:
+        shapes.append(tuple(tokens.shape))
+        return forward(tokens, *args)
+
+    def spy_ragged(tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                   rows: torch.Tensor) -> torch.Tensor:
+        shapes.append((len(set(slots.tolist())), tokens.shape[0], rows.shape[0]))
+        return forward_ragged(tokens, positions, slots, rows)
+
+    backend.forward, backend.forward_ragged = spy, spy_ragged  # type: ignore[method-assign]
+    together = await _run_engine(backend, prompts, cfg, together=True)
+    assert together == alone and all(len(o) == 6 for o in alone)
+    if kind == "padded":
+        assert shapes[0] == (5, 8)  # all five chunks as one padded forward
+    else:
+        assert shapes[0] == (5, 33, 2)  # five sequences, 31 prefill tokens + 2 decode rows, logits for 2
+    # And both ways give the same tokens as the other kind of backend.
+    other = TorchBackend(model, 6, cuda_graphs=kind != "ragged")
+    assert await _run_engine(other, prompts, cfg, together=True) == alone
+
+
+def test_ragged_step_matches_the_reference_forward_on_cpu() -> None:
+    model = DecoderLM.random(TINY, 64, "cpu", torch.float32, seed=9)
+    _check_ragged(model, torch.device("cpu"), attention="torch", tol=1e-4)
+
+
+def _check_ragged(model: DecoderLM, dev: torch.device, attention: str, tol: float) -> None:
+    """One ragged call (A decodes at 10, B prefills 0..20 and decodes at 21, C prefills 0..4), then one larger
+    than the largest bucket (C prefills 5..44 and decodes 45), against per-sequence eager forwards."""
+    g = torch.Generator().manual_seed(3)
+    cache, ref = model.new_cache(4), model.new_cache(4)
+    gd = GraphedDecoder(model, cache, scratch_slot=3, buckets=(1, 2, 4), attention=attention,  # type: ignore[arg-type]
+                        prefill_buckets=(8,), ragged_buckets=(16, 32))
+    gd.capture()
+    vocab = model.spec.vocab_size
+    a_tokens = torch.randint(0, vocab, (11,), generator=g)
+    for c in (cache, ref):
+        model.forward(c, a_tokens[None, :10].to(dev), torch.arange(10, device=dev)[None], torch.tensor([0], device=dev))
+    b_tokens, c_tokens = torch.randint(0, vocab, (22,), generator=g), torch.randint(0, vocab, (46,), generator=g)
+
+    def ref_rows(rows: list[tuple[int, torch.Tensor, int]]) -> torch.Tensor:  # (slot, tokens, first position)
+        out = []
+        for slot, toks, start in rows:
+            pos = torch.arange(start, start + len(toks), device=dev)[None]
+            out.append(model.forward(ref, toks[None].to(dev), pos, torch.tensor([slot], device=dev))[0])
+        return torch.stack(out)
+
+    def flat(parts: list[tuple[int, torch.Tensor, int]]) -> tuple[torch.Tensor, ...]:
+        return (torch.cat([t for _, t, _ in parts]), torch.cat([torch.arange(s, s + len(t)) for _, t, s in parts]),
+                torch.cat([torch.full((len(t),), slot) for slot, t, _ in parts]))
+
+    parts = [(0, a_tokens[10:], 10), (1, b_tokens, 0), (2, c_tokens[:5], 0)]
+    got = gd.ragged(*flat(parts), torch.tensor([0, 22]))  # rows: A's token and B's last
+    want = ref_rows(parts[:2])
+    ref_rows(parts[2:])
+    assert float((got - want).norm() / want.norm()) < tol
+    parts = [(2, c_tokens[5:], 5)]  # 41 tokens: pieces of 32 and 9
+    got = gd.ragged(*flat(parts), torch.tensor([40]))
+    want = ref_rows(parts)
+    assert float((got - want).norm() / want.norm()) < tol
+    assert gd.ragged(*flat([(1, torch.tensor([4]), 22)]), torch.tensor([], dtype=torch.long)).shape == (0, vocab)
+    ref_rows([(1, torch.tensor([4]), 22)])
+    for c_, r_ in ((cache.k, ref.k), (cache.v, ref.v)):
+        for slot, n in ((0, 11), (1, 23), (2, 46)):
+            x, y = c_[:, slot, :, :n].float(), r_[:, slot, :, :n].float()
+            assert float((x - y).norm() / y.norm()) < tol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (graphs, Triton)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ragged_graphs_match_the_reference_forward_on_cuda(dtype: torch.dtype) -> None:
+    model = DecoderLM.random(replace(TINY, head_dim=16, n_heads=8, n_kv_heads=2), 640, "cuda", dtype, seed=4)
+    _check_ragged(model, torch.device("cuda"), attention="auto", tol=3e-2 if dtype == torch.bfloat16 else 1e-2)
