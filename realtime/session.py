@@ -215,10 +215,11 @@ class Session(ItemEvents):
                 self.log.info("ignored %d ms of speech during the reply (echo or noise)",
                               event.audio_end_ms - self.segmenter.detector.turn_audio_start_ms)
                 self._unconfirmed = self._pending_item = None
-        elif isinstance(event, SilenceStarted) and snapshot is not None:
+        elif isinstance(event, SilenceStarted) and snapshot is not None and self.rt.asr_inflight == 0:
             # Transcribe while the silence window runs: if the user stays quiet, the transcript is
-            # ready (or nearly) when the turn is confirmed, taking ASR off the critical path.
-            fut = asyncio.ensure_future(self.rt.run_in(self.rt.asr_pool, self.rt.listener.transcribe, snapshot))
+            # ready (or nearly) when the turn is confirmed, taking ASR off the critical path. Only when
+            # Whisper is idle: behind other sessions' turns a speculative pass gains nothing and costs a slot.
+            fut = asyncio.ensure_future(self.rt.transcribe(snapshot))
             self._speculative = fut
             self._spawn(self._prefetch_when_transcribed(fut), "prefetch")
         elif isinstance(event, SpeechResumed):
@@ -289,7 +290,7 @@ class Session(ItemEvents):
             audio = await self.rt.run_in(self.rt.vad_pool, self.segmenter.current_turn_audio)
             if len(audio) < VAD_RATE // 2:
                 continue
-            text = await self.rt.run_in(self.rt.asr_pool, self.rt.listener.transcribe, audio)
+            text = await self.rt.transcribe(audio)
             if self._pending_item != item_id:
                 return
             if text.strip():
@@ -357,8 +358,7 @@ class Session(ItemEvents):
     async def _transcribe_turn(self, item: Item, audio: np.ndarray, speculative: asyncio.Future[str] | None,
                                prefetch: Prefetch | None, committed_at: float, speech_end_ms: int | None) -> None:
         history_before = self.history.messages()
-        text = await speculative if speculative is not None else \
-            await self.rt.run_in(self.rt.asr_pool, self.rt.listener.transcribe, audio)
+        text = await (speculative if speculative is not None else self.rt.transcribe(audio))
         item.text, item.status = text, "completed"
         transcribed_at = time.perf_counter()
         self.transcribed(item)

@@ -38,7 +38,7 @@ class ItemEvents:
             self._spawn(self._transcribe_item(item, audio), "item-transcribe")
 
     async def _transcribe_item(self: Session, item: Item, audio: np.ndarray) -> None:
-        item.text = await self.rt.run_in(self.rt.asr_pool, self.rt.listener.transcribe, audio)
+        item.text = await self.rt.transcribe(audio)
         item.status = "completed"
         self.transcribed(item)
 
