@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import gc
 import json
-import math
 import random
 import sys
 import threading
@@ -112,26 +111,7 @@ def pct(xs: list[float], q: float) -> float | None:
 
 
 def random_model(spec: ArchSpec, max_len: int, device: torch.device, dtype: torch.dtype, seed: int = 0) -> DecoderLM:
-    """`DecoderLM.random`, but drawn on the device (an 8B model drawn on the host takes minutes)."""
-    if device.type == "cpu":
-        return DecoderLM.random(spec, max_len, device, dtype, seed)
-    g = torch.Generator(device=device).manual_seed(seed)
-
-    def r(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g, device=device, dtype=dtype).mul_(1 / math.sqrt(shape[-1]))
-
-    def ones(n: int) -> torch.Tensor:
-        return torch.ones(n, device=device, dtype=dtype)
-
-    hd, H, KVH, D = spec.head_dim, spec.n_heads, spec.n_kv_heads, spec.d_model
-    qkv = (H + 2 * KVH) * hd
-    layers = [LayerWeights(
-        ln1=ones(D), wqkv=r(qkv, D), bqkv=r(qkv) if spec.qkv_bias else None,
-        q_norm=ones(hd) if spec.qk_norm else None, k_norm=ones(hd) if spec.qk_norm else None,
-        wo=r(D, H * hd), ln2=ones(D), w_gate_up=r(2 * spec.ffn_dim, D), w_down=r(D, spec.ffn_dim),
-    ) for _ in range(spec.n_layers)]
-    embed = r(spec.vocab_size, D)
-    return DecoderLM(spec, embed, layers, ones(D), embed if spec.tie_embeddings else r(spec.vocab_size, D), max_len)
+    return DecoderLM.random(spec, max_len, device, dtype, seed)
 
 
 def step_bytes(spec: ArchSpec, batch: int, ctx: int, nbytes: int) -> int:

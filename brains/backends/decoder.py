@@ -170,12 +170,12 @@ class DecoderLM:
     @classmethod
     def random(cls, spec: ArchSpec, max_len: int, device: str | torch.device, dtype: torch.dtype,
                seed: int = 0) -> DecoderLM:
-        """Random weights of a real architecture: step time does not depend on the values."""
-        g = torch.Generator(device="cpu").manual_seed(seed)
+        """Random weights of a real architecture: step time does not depend on the values. Drawn on the target
+        device (an 8B model drawn on the host takes minutes); the same seed gives the same weights there."""
+        g = torch.Generator(device=device).manual_seed(seed)
 
         def r(*shape: int) -> torch.Tensor:
-            w = torch.randn(*shape, generator=g, dtype=torch.float32) / math.sqrt(shape[-1])
-            return w.to(device=device, dtype=dtype)
+            return torch.randn(*shape, generator=g, device=device, dtype=dtype).mul_(1 / math.sqrt(shape[-1]))
 
         def ones(n: int) -> torch.Tensor:
             return torch.ones(n, device=device, dtype=dtype)
