@@ -47,6 +47,15 @@ def _mic(args: argparse.Namespace) -> int:
                               turns=args.turns))
 
 
+def _export_hf(args: argparse.Namespace) -> int:
+    from brains.backends.export import export_hf
+
+    config = load_config(args.config, args.set)
+    out = export_hf(args.out, config.llm)
+    print(f"exported {config.llm.model} to {out} (load it with llm.model = \"{out}\")")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duet", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -77,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     mic.add_argument("--seconds", type=float, default=None, help="stop after this many seconds")
     mic.add_argument("--turns", type=int, default=None, help="stop after this many replies")
     mic.set_defaults(func=_mic)
+
+    export = sub.add_parser("export-hf", help="write the LLM (default: the bundled SmolLM2 GGUF) as a Hugging Face "
+                                              "safetensors folder, e.g. for the vLLM backend")
+    export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument("--config", default=None, help="TOML config whose [llm] model/dtype to export")
+    export.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable), e.g. --set llm.dtype='\"bfloat16\"'")
+    export.set_defaults(func=_export_hf)
     return parser
 
 

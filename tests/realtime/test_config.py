@@ -95,7 +95,7 @@ def test_malformed_override(text: str) -> None:
     "asr.model=5",  # str field, int value
     "mind.think_while_listening=1",  # bool field, int value
     "mind.mode=fast",  # not one of the pacing modes
-    "llm.backend=vllm",  # literal with one allowed value
+    "llm.backend=sglang",  # not one of the backends
 ])
 def test_bad_overrides_raise(override: str) -> None:
     with pytest.raises(ConfigError):
