@@ -82,10 +82,27 @@ class Finished:
     error: str = ""
 
 
+class GenerationEngine(Protocol):
+    """What the brains need from an engine: Duet's torch `Engine` and `VllmEngine` both provide it."""
+
+    stats: EngineStats
+    eos_ids: frozenset[int]
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def submit(self, req: GenerationRequest) -> TokenStream: ...
+
+    def cancel(self, seq_id: int) -> None: ...
+
+    def live_sequences(self) -> int: ...
+
+
 class TokenStream:
     """The loop side of one sequence: an async iterator of token ids, then `finish` is set."""
 
-    def __init__(self, engine: Engine, seq_id: int) -> None:
+    def __init__(self, engine: GenerationEngine, seq_id: int) -> None:
         self._engine = engine
         self.seq_id = seq_id
         self._queue: asyncio.Queue[list[int] | Finished] = asyncio.Queue()

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from brains.engine import Engine, GenerationRequest, TokenStream
+from brains.engine import GenerationEngine, GenerationRequest, TokenStream
 from brains.prompts import IncrementalText, PromptBuilder
 from brains.tools import call_complete
 from realtime.config import LlmConfig, MindConfig, PacingMode
@@ -84,7 +84,7 @@ class _Thought:
 
 
 class MindPacer:
-    def __init__(self, engine: Engine, prompts: PromptBuilder, mind: MindConfig, llm: LlmConfig,
+    def __init__(self, engine: GenerationEngine, prompts: PromptBuilder, mind: MindConfig, llm: LlmConfig,
                  mode: PacingMode, session_id: str = "",
                  audio_ahead_ms: Callable[[], float] | None = None, tool_prefix: str | None = None) -> None:
         self.engine = engine

@@ -21,7 +21,7 @@ import numpy as np
 
 from brains.backends.loader import load_decoder, load_tokenizer
 from brains.backends.torch_backend import TorchBackend
-from brains.engine import Engine, GenerationRequest
+from brains.engine import Engine, GenerationEngine, GenerationRequest
 from brains.prompts import PromptBuilder
 from brains.scheduler import SchedulerConfig
 from realtime.config import DuetConfig
@@ -39,7 +39,7 @@ class Runtime:
     vad: SileroVad
     listener: Listener
     synthesizer: Synthesizer
-    engine: Engine
+    engine: GenerationEngine
     prompts: PromptBuilder
     asr_pool: ThreadPoolExecutor
     tts_pool: ThreadPoolExecutor
@@ -104,11 +104,11 @@ class Runtime:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _vllm_engine(config: DuetConfig) -> tuple[Engine, PromptBuilder]:
+def _vllm_engine(config: DuetConfig) -> tuple[GenerationEngine, PromptBuilder]:
     """llm.backend = "vllm": vLLM's engine on llm.model (a Hugging Face folder), the prompts from its tokenizer.
     vLLM is imported only here, so the torch stack never needs it installed."""
     from brains.backends.vllm_engine import VllmEngine
 
     prompts = PromptBuilder(load_tokenizer(config.llm), config.llm, config.mind)
     engine = VllmEngine(config.llm, urgent_audio_ms=config.mind.urgent_audio_ms, eos_ids=prompts.stop_ids)
-    return engine, prompts  # type: ignore[return-value]  # VllmEngine has Engine's public surface
+    return engine, prompts

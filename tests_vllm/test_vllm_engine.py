@@ -164,7 +164,7 @@ async def test_vllm_admits_waiting_requests_by_priority(llm: LlmConfig, prompts:
 
 async def test_a_speak_first_turn_runs_end_to_end(engine: VllmEngine, prompts: PromptBuilder,
                                                   llm: LlmConfig) -> None:
-    pacer = MindPacer(engine, prompts, MIND, llm, "speak-first", session_id="s1",  # type: ignore[arg-type]
+    pacer = MindPacer(engine, prompts, MIND, llm, "speak-first", session_id="s1",
                       audio_ahead_ms=lambda: 0.0)
     events = [e async for e in pacer.run(prompts.conversation([ChatMessage("user", QUESTION)], thinking=True))]
     done = events[-1]

@@ -170,7 +170,7 @@ class VllmEngine:
         if self._closed or loop is None or loop.is_closed():
             raise EngineError("engine is closed" if self._closed else "engine is not started")
         seq_id = next(self._ids)
-        stream = TokenStream(self, seq_id)  # type: ignore[arg-type]  # the same surface as Engine
+        stream = TokenStream(self, seq_id)
         seq = _Seq(seq_id, f"duet-{seq_id}", req, stream, asyncio.get_running_loop(),
                    frozenset(req.stop_ids) | self.eos_ids, request_priority(req, self.urgent_audio_ms))
         with self._lock:
