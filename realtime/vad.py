@@ -11,7 +11,7 @@ Three layers, so the turn logic can be tested without a model and the model shar
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -52,8 +52,12 @@ def _samples(ms: float) -> int:
 
 
 def bundled_model_path() -> Path:
-    # Read the file straight out of the package: importing `silero_vad` itself would import torch.
-    return Path(str(importlib.resources.files("silero_vad.data") / "silero_vad.onnx"))
+    """The ONNX file inside the installed `silero-vad` package, found without importing the package: its
+    __init__ imports torch and calls torch.set_num_threads(1), which would slow the whole process's LLM."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the silero-vad package is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
 
 
 class SileroVad:

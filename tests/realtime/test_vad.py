@@ -308,3 +308,14 @@ def test_stream_rejects_wrong_frame_size(vad: SileroVad) -> None:
     with pytest.raises(ValueError, match="512"):
         vad.new_stream().prob(np.zeros(480, dtype=np.float32))
 
+
+
+def test_loading_the_vad_leaves_torch_threads_alone() -> None:
+    """silero_vad's package __init__ sets torch to one thread; we must never import it."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(2); from realtime.vad import SileroVad; SileroVad.load(); "
+            "import sys; print(torch.get_num_threads(), 'silero_vad' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["2", "False"]
