@@ -192,8 +192,10 @@ class MindPacer:
         elif self.mode == "tbs":
             await self._wait(thought, lambda: thought.done)
         budget = self.llm.max_reply_tokens
+        silent_restarts = 0
+        plain = False  # speak without the thought block (after the AB twice began with a tag)
         while budget > 0 and not self.cancelled:
-            used = list(thought.ids) if self.thinking else None
+            used = list(thought.ids) if self.thinking and not plain else None
             final = not self.thinking or thought.done
             limit = budget if final else min(budget, self.mind.reply_segment_tokens)
             seen_segments = thought.segments
@@ -249,6 +251,16 @@ class MindPacer:
                     self._out.put_nowait(ToolCall(reply.text[tag.end():].strip()))
                     reply.text = reply.text[: tag.start()]
                     ended = True
+            if ended and not reply.text.strip() and silent_restarts < 2 and budget > 0:
+                # The AB opened a tag (another <think>...) before saying a word: a turn must not end silent.
+                # Try again with more thought, then without the thought block at all.
+                silent_restarts += 1
+                plain = silent_restarts == 2 or final
+                reply = IncrementalText(self.prompts)
+                sent = 0
+                if not final and not plain:
+                    await self._wait_for_next_segment(thought, seen_segments)
+                continue
             if self.cancelled or ended or (stream.finish is not None and stream.finish.reason == "stop"):
                 break  # the AB ended its reply
             if produced == 0 and final:

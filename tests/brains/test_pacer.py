@@ -43,6 +43,7 @@ class ScriptedModel:
         self.close_id = tok.specials["</think>"]
         self.eos = tok.eos_token_id
         self.hold_fb_at = hold_fb_at
+        self.ab_tag_with_thought = ""  # an AB prompted with a think block writes this first (e.g. "<x>")
         self.release = threading.Event()
         self.held = threading.Event()
 
@@ -55,7 +56,9 @@ class ScriptedModel:
         if rest[: len(self.think_open)] == self.think_open:
             body = rest[len(self.think_open):]
             if self.close_id in body:  # AB: the reply starts after "</think>\n"
-                return self._reply(body[body.index(self.close_id) + 2:])
+                said = body[body.index(self.close_id) + 2:]
+                script = self.ab_tag_with_thought + REPLY
+                return ord(script[len(said)]) if len(said) < len(script) else self.eos
             k = len(body)
             if k == self.hold_fb_at and not self.release.is_set():
                 self.held.set()
@@ -331,3 +334,15 @@ async def test_pacer_cancel_ends_the_turn(rig: Rig) -> None:
     assert len(rig.engine.submitted) == submitted_before, "new requests after cancel"
     assert done.cancelled
     assert done.reply != REPLY
+
+
+async def test_an_ab_that_opens_a_tag_before_a_word_still_answers(rig: Rig) -> None:
+    """A small model may start its reply with markup ("<think>" again); the turn must not end silent."""
+    rig.model.ab_tag_with_thought = "<x>"
+    events = await run_pacer(make_pacer(rig, "speak-first"), rig.conversation)
+    done = events[-1]
+    assert isinstance(done, PacerDone) and done.reply == REPLY.strip()
+    assert "".join(e.text for e in events if isinstance(e, ReplyDelta)).strip() == REPLY.strip()
+    assert "<" not in "".join(e.text for e in events if isinstance(e, ReplyDelta))
+    # It retried with more thought, then spoke without the thought block.
+    assert ab_thoughts(rig)[-1] is None and len(ab_thoughts(rig)) >= 2
