@@ -193,6 +193,7 @@ class MindPacer:
             await self._wait(thought, lambda: thought.done)
         budget = self.llm.max_reply_tokens
         silent_restarts = 0
+        called = False  # the AB called a tool: that is its answer, not silence
         plain = False  # speak without the thought block (after the AB twice began with a tag)
         while budget > 0 and not self.cancelled:
             used = list(thought.ids) if self.thinking and not plain else None
@@ -218,7 +219,7 @@ class MindPacer:
                             continue  # the call is still being written
                         self._out.put_nowait(ToolCall(call))
                         reply.text = reply.text[: tag.start()]
-                        ended = True
+                        ended = called = True
                     elif tag is not None:
                         # The AB opened or closed a tag ("</think>", "<step>"): its reply is over, and none
                         # of that markup may reach the listener.
@@ -250,8 +251,8 @@ class MindPacer:
                 if tag is not None and tag.group() == "<tool_call>":
                     self._out.put_nowait(ToolCall(reply.text[tag.end():].strip()))
                     reply.text = reply.text[: tag.start()]
-                    ended = True
-            if ended and not reply.text.strip() and silent_restarts < 2 and budget > 0:
+                    ended = called = True
+            if ended and not called and not reply.text.strip() and silent_restarts < 2 and budget > 0:
                 # The AB opened a tag (another <think>...) before saying a word: a turn must not end silent.
                 # Try again with more thought, then without the thought block at all.
                 silent_restarts += 1

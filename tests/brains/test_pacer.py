@@ -346,3 +346,16 @@ async def test_an_ab_that_opens_a_tag_before_a_word_still_answers(rig: Rig) -> N
     assert "<" not in "".join(e.text for e in events if isinstance(e, ReplyDelta))
     # It retried with more thought, then spoke without the thought block.
     assert ab_thoughts(rig)[-1] is None and len(ab_thoughts(rig)) >= 2
+
+
+async def test_a_forced_tool_call_is_the_whole_answer(rig: Rig) -> None:
+    """A call with no words around it is an answer, not a silent turn to retry."""
+    from brains.pacer import ToolCall
+
+    pacer = MindPacer(rig.engine, rig.prompts, MIND, LLM, "nothink", session_id="s1",
+                      tool_prefix='<tool_call>{"name": "f", "arguments": {"a": 1}}')
+    events = await run_pacer(pacer, rig.conversation)
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    assert len(calls) == 1 and '"name": "f"' in calls[0].text
+    assert not [e for e in events if isinstance(e, ReplyDelta)]
+    assert len(ab_thoughts(rig)) == 1, "no second AB request after the call"
