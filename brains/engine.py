@@ -204,7 +204,6 @@ class Engine:
         self._live: dict[int, _Seq] = {}
         self._pool = SlotPool(backend.slots)
         self._thread: threading.Thread | None = None
-        self._step = 0
         # Service order for fairness: a strict sequence, so sequences served in the same step don't tie and
         # the least recently served one really goes first next time (exact round robin).
         self._served = itertools.count()
@@ -345,7 +344,6 @@ class Engine:
         return schedule(views, self.cfg)
 
     def _execute(self, plan: StepPlan) -> None:
-        self._step += 1
         self.stats.steps += 1
         # (sequence, first position, tokens) of each prefill chunk; state changes only once its forward ran.
         chunks = []

@@ -44,7 +44,6 @@ class ReplyDelta:
 @dataclass
 class TurnStats:
     mode: str
-    started: float = 0.0
     fb_first_token: float | None = None
     ab_first_token: float | None = None
     fb_tokens_before_reply: int = 0
@@ -115,7 +114,6 @@ class MindPacer:
 
     async def run(self, conversation: list[int]) -> AsyncIterator[PacerEvent]:
         """Yield thought and reply deltas as they come, then one PacerDone."""
-        self.stats.started = time.perf_counter()
         thought = _Thought()
         tasks = []
         if self.thinking:

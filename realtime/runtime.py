@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -44,7 +44,8 @@ class Runtime:
     asr_pool: ThreadPoolExecutor
     tts_pool: ThreadPoolExecutor
     vad_pool: ThreadPoolExecutor
-    sessions_open: int = 0  # maintained by the server, reported in rate_limits.updated
+    # Open sessions by id, registered by the server; one registry, so rate_limits.updated can count them.
+    sessions: dict[str, object] = field(default_factory=dict)
     asr_inflight: int = 0  # transcriptions queued or running (speculative ones only start when it is 0)
 
     @classmethod

@@ -34,7 +34,7 @@ class DuetServer:
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         self.cfg = runtime.config.server
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, Session] = runtime.sessions  # type: ignore[assignment]  # the same registry
         self._server: Server | None = None
 
     async def start(self, host: str | None = None, port: int | None = None) -> Server:
@@ -75,7 +75,6 @@ class DuetServer:
         outbox: asyncio.Queue[ev.ServerEvent] = asyncio.Queue()
         session = Session(self.rt, session_id, outbox.put_nowait, beta=beta)
         self.sessions[session_id] = session
-        self.rt.sessions_open = len(self.sessions)
         session.log.info("connected from %s", ws.remote_address)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -90,7 +89,6 @@ class DuetServer:
         finally:
             await session.close()
             self.sessions.pop(session_id, None)
-            self.rt.sessions_open = len(self.sessions)
             session.log.info("disconnected")
 
     async def _receive_loop(self, ws: ServerConnection, session: Session) -> None:
@@ -117,7 +115,6 @@ class DuetServer:
         call = TelephonyCall(self.rt, dialect)
         await call.start()
         self.sessions[call.id] = cast(Session, call.session)
-        self.rt.sessions_open = len(self.sessions)
         call.log.info("%s call connected from %s", dialect, ws.remote_address)
         try:
             await run_call(call, ws, ws.send)
@@ -128,7 +125,6 @@ class DuetServer:
         finally:
             await call.close()
             self.sessions.pop(call.id, None)
-            self.rt.sessions_open = len(self.sessions)
 
     @staticmethod
     async def _emit_loop(ws: ServerConnection, session: Session, outbox: asyncio.Queue[ev.ServerEvent]) -> None:

@@ -327,7 +327,7 @@ class Session(ItemEvents):
         live = self.rt.engine.live_sequences()
         return ev.RateLimitsUpdated(rate_limits=[
             ev.RateLimit(name="sessions", limit=cfg.server.max_sessions,
-                         remaining=max(0, cfg.server.max_sessions - self.rt.sessions_open), reset_seconds=0.0),
+                         remaining=max(0, cfg.server.max_sessions - len(self.rt.sessions)), reset_seconds=0.0),
             ev.RateLimit(name="kv_slots", limit=cfg.llm.max_slots, remaining=max(0, cfg.llm.max_slots - live),
                          reset_seconds=0.0)])
 
