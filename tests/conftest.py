@@ -64,3 +64,20 @@ def judge() -> object:
         return str(listener.transcribe(soxr.resample(reply_audio_24k, 24000, 16000))).lower()
 
     return _heard
+
+
+def says(heard: str, said: str, threshold: float = 0.85) -> bool:
+    """Does reply audio (Whisper's transcript `heard`) say the words the server spoke (`said`)?
+
+    Piper samples noise on every call, so one word in ~15 syntheses comes out misheard ("Paris" as
+    "parrot" on 8 kHz phone audio, measured): a character-level match tolerates one such word, while
+    silence, other words or garble fail ("the capital of Germany is Berlin" scores 0.77 against the
+    capital-of-France sentence). Callers also check that `said` itself carries the answer.
+    """
+    import difflib
+    import re
+
+    def norm(text: str) -> str:
+        return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
+
+    return difflib.SequenceMatcher(None, norm(heard), norm(said)).ratio() >= threshold

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from clients.talk import talk
+from tests.conftest import says
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +27,8 @@ async def test_spoken_question_gets_spoken_answer_about_paris(url, judge, speak,
     assert result["errors"] == []
     assert "capital" in result["user_transcript"].lower() and "france" in result["user_transcript"].lower()
     assert result["reply_audio_s"] > 0.5
-    assert "paris" in judge(reply), result
+    assert "paris" in result["reply_transcript"].lower(), result
+    assert says(judge(reply), result["reply_transcript"]), result  # and the audio says those words
     # Every stage timestamp of the turn is reported, in order.
     m = result["server_metrics"]
     assert m["status"] == "completed"
@@ -42,7 +44,7 @@ async def test_two_concurrent_sessions_each_get_their_own_answer(url, judge, spe
     assert "france" in r1["user_transcript"].lower() and "spider" in r2["user_transcript"].lower()
     assert r1["errors"] == [] and r2["errors"] == []
     assert len(a1) > 12000 and len(a2) > 12000
-    assert "paris" in judge(a1)
+    assert "paris" in r1["reply_transcript"].lower() and says(judge(a1), r1["reply_transcript"])
     assert "spider" not in r1["reply_transcript"].lower() and "paris" not in r2["reply_transcript"].lower()
 
 

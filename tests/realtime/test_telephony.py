@@ -18,6 +18,7 @@ from realtime import audio as audio_codec
 from realtime import events as ev
 from realtime.errors import SessionError
 from realtime.telephony import TelephonyCall, run_call
+from tests.conftest import says
 
 SID = "MZ00000000000000000000000000000001"
 
@@ -465,7 +466,11 @@ async def test_phone_call_through_the_twilio_endpoint(server: Any, speak: Any, j
                                  "the reply to finish playing")
             reply = bytes(phone.reply)
             assert 0.5 < len(reply) / 8000 < 30
-            assert "paris" in judge(from_ulaw(reply))
+            (call_session,) = [s for s in server.sessions.values()
+                               if s.settings.input_format == audio_codec.G711_ULAW]
+            said = [i.text for i in call_session.history.items if i.role == "assistant"][-1]
+            assert "paris" in said.lower()
+            assert says(judge(from_ulaw(reply)), said)  # the phone audio says the reply's words
             assert all(f["streamSid"] == SID for f in phone.frames)
             assert all(len(base64.b64decode(f["media"]["payload"])) == 160 for f in phone.frames
                        if f["event"] == "media")
