@@ -41,7 +41,7 @@ from brains.engine import Engine
 from brains.pacer import MindPacer, ReplyDelta
 from brains.prompts import PromptBuilder
 from brains.scheduler import SchedulerConfig
-from realtime.config import LlmConfig, MindConfig
+from common.config import LlmConfig, MindConfig
 
 ARCHS = {
     "qwen3-8b": ArchSpec(36, 4096, 32, 8, 128, 12288, 151936, 1e-6, 1e6, qk_norm=True),

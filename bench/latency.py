@@ -40,7 +40,7 @@ QUESTIONS = [
 
 
 def synthesize_questions() -> list[np.ndarray]:
-    from realtime.config import TtsConfig
+    from common.config import TtsConfig
     from tts.synthesizer import Synthesizer
 
     synth = Synthesizer.load(dataclasses.replace(TtsConfig(), noise_scale=0.0, noise_w=0.0))
@@ -48,7 +48,7 @@ def synthesize_questions() -> list[np.ndarray]:
 
 
 def start_server(port: int, extra: list[str]) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "realtime.cli", "serve", "--port", str(port), *extra]
+    cmd = [sys.executable, "-m", "duet.cli", "serve", "--port", str(port), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout is not None
     deadline = time.time() + 300

@@ -30,7 +30,7 @@ from typing import Literal, Protocol
 import torch
 
 from brains.scheduler import Brain, SchedulerConfig, SeqView, StepPlan, schedule
-from realtime.errors import EngineError
+from common.errors import EngineError
 
 log = logging.getLogger(__name__)
 

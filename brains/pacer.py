@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from brains.engine import GenerationEngine, GenerationRequest, TokenStream
 from brains.prompts import IncrementalText, PromptBuilder
 from brains.tools import call_complete
-from realtime.config import LlmConfig, MindConfig, PacingMode
+from common.config import LlmConfig, MindConfig, PacingMode
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from brains.tools import tools_prompt
-from realtime.config import LlmConfig, MindConfig
+from common.config import LlmConfig, MindConfig
 
 Role = Literal["user", "assistant"]
 

@@ -19,7 +19,7 @@ import numpy as np
 import soxr
 from websockets.asyncio.client import ClientConnection, connect
 
-from realtime.playback import PlaybackClock
+from common.playback import PlaybackClock
 
 RATE = 24000
 CHUNK_MS = 20

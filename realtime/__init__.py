@@ -1,1 +1,2 @@
-"""Duet's realtime layer: server, sessions, protocol events, audio, VAD and listening."""
+"""Duet's realtime layer: speech input (speech_in), the shared runtime, the session core (core) and the
+transports (transports) that carry it over the wire. Imports run one way: speech_in -> runtime -> core -> transports."""

@@ -24,9 +24,9 @@ from brains.backends.torch_backend import TorchBackend
 from brains.engine import Engine, GenerationEngine, GenerationRequest
 from brains.prompts import PromptBuilder
 from brains.scheduler import SchedulerConfig
-from realtime.config import DuetConfig
-from realtime.listener import Listener
-from realtime.vad import SileroVad
+from common.config import DuetConfig
+from realtime.speech_in.asr import Listener
+from realtime.speech_in.vad import SileroVad
 from tts.synthesizer import Synthesizer
 
 log = logging.getLogger(__name__)

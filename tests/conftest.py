@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def runtime() -> Iterator[object]:
-    from realtime.config import DEFAULT_CONFIG_PATH, load_config
+    from common.config import DEFAULT_CONFIG_PATH, load_config
     from realtime.runtime import Runtime
 
     rt = Runtime.load(load_config(DEFAULT_CONFIG_PATH))
@@ -25,7 +25,7 @@ def runtime() -> Iterator[object]:
 
 @pytest.fixture(scope="session")
 async def server(runtime: object) -> AsyncIterator[object]:
-    from realtime.server import DuetServer
+    from realtime.transports.websocket import DuetServer
 
     srv = DuetServer(runtime)  # type: ignore[arg-type]
     await srv.start("127.0.0.1", 0)
@@ -41,7 +41,7 @@ def url(server: object) -> str:
 @pytest.fixture(scope="session")
 def speak() -> object:
     """Text -> 24 kHz speech with the bundled Piper voice, noise off so the audio is repeatable."""
-    from realtime.config import TtsConfig
+    from common.config import TtsConfig
     from tts.synthesizer import Synthesizer
 
     synth = Synthesizer.load(dataclasses.replace(TtsConfig(), noise_scale=0.0, noise_w=0.0))
@@ -55,8 +55,8 @@ def speak() -> object:
 @pytest.fixture(scope="session")
 def judge() -> object:
     """The bundled Whisper base (more accurate than the server's tiny.en) to check what a reply says."""
-    from realtime.config import AsrConfig
-    from realtime.listener import Listener
+    from common.config import AsrConfig
+    from realtime.speech_in.asr import Listener
 
     listener = Listener.load(AsrConfig(model="base"))
 

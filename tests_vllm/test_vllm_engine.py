@@ -21,7 +21,7 @@ from brains.engine import Engine, GenerationRequest, TokenStream
 from brains.pacer import MindPacer, PacerDone, ReplyDelta, ThoughtDelta
 from brains.prompts import ChatMessage, PromptBuilder
 from brains.scheduler import SchedulerConfig
-from realtime.config import LlmConfig, MindConfig
+from common.config import LlmConfig, MindConfig
 
 QUESTION = "What is the capital of France?"
 MIND = MindConfig(mode="speak-first", thought_segment_tokens=24, reply_segment_tokens=40, max_thought_tokens=64)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soxr
 
-from realtime.config import DEFAULT_CONFIG_PATH, TtsConfig, load_config
+from common.config import DEFAULT_CONFIG_PATH, TtsConfig, load_config
 
 VLLM_CONFIG = DEFAULT_CONFIG_PATH.parent / "vllm.toml"
 
@@ -31,7 +31,7 @@ def runtime(model_dir: Path) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 async def url(runtime: Any) -> AsyncIterator[str]:
-    from realtime.server import DuetServer
+    from realtime.transports.websocket import DuetServer
 
     srv = DuetServer(runtime)
     await srv.start("127.0.0.1", 0)

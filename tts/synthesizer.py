@@ -16,8 +16,8 @@ from typing import Protocol
 
 import numpy as np
 
-from realtime.config import TtsConfig
-from realtime.errors import EngineError
+from common.config import TtsConfig
+from common.errors import EngineError
 from tts.chunker import clean_for_speech, is_speakable
 from tts.vocoder import PiperVocoder
 

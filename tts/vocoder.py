@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from realtime.config import TtsConfig
+from common.config import TtsConfig
 
 logger = logging.getLogger(__name__)
 

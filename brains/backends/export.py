@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from brains.backends.loader import load_hf_model, load_tokenizer
-from realtime.config import LlmConfig
+from common.config import LlmConfig
 
 log = logging.getLogger(__name__)
 

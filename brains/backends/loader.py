@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from brains.backends.decoder import DecoderLM
-from realtime.config import LlmConfig
+from common.config import LlmConfig
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from brains.engine import EngineStats, Finished, GenerationRequest, TokenStream
-from realtime.config import LlmConfig
-from realtime.errors import EngineError
+from common.config import LlmConfig
+from common.errors import EngineError
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch
 
 from brains.backends.decoder import ArchSpec, DecoderLM
 from brains.backends.loader import load_decoder, load_hf_model, load_tokenizer
-from realtime.config import LlmConfig
+from common.config import LlmConfig
 
 
 def _tiny_folder(tmp: Path, model_type: str) -> Path:

@@ -18,7 +18,7 @@ from brains.backends.decoder import ArchSpec, DecoderLM
 from brains.backends.torch_backend import TorchBackend
 from brains.engine import Engine, GenerationRequest, SlotPool, TokenStream, common_prefix
 from brains.scheduler import SchedulerConfig
-from realtime.errors import EngineError
+from common.errors import EngineError
 from tests.brains.fakes import FakeBackend, collect, first_batch, reference
 
 MakeEngine = Callable[..., tuple[Engine, FakeBackend]]

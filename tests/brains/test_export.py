@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from brains.backends.loader import load_decoder
-from realtime.cli import main
-from realtime.config import LlmConfig
+from common.config import LlmConfig
+from duet.cli import main
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from brains.engine import GenerationRequest, TokenStream
 from brains.pacer import MindPacer, PacerDone, PacerEvent, ReplyDelta, ThoughtDelta
 from brains.prompts import ChatMessage, PromptBuilder
 from brains.scheduler import SchedulerConfig
-from realtime.config import LlmConfig, MindConfig, PacingMode
+from common.config import LlmConfig, MindConfig, PacingMode
 from tests.brains.fakes import FakeBackend, FakeTokenizer, RecordingEngine, collect
 
 THOUGHT = "one two three four five six seven eight nine ten."

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import pytest
 
 from brains.prompts import ChatMessage, IncrementalText, PromptBuilder
-from realtime.config import LlmConfig, MindConfig
+from common.config import LlmConfig, MindConfig
 from tests.brains.fakes import FakeTokenizer
 
 LLM = LlmConfig(system_prompt="Be brief.")

@@ -6,8 +6,8 @@ import pytest
 
 from brains.backends.vllm_engine import VllmEngine, engine_args, request_priority
 from brains.engine import GenerationRequest
-from realtime.config import LlmConfig
-from realtime.errors import EngineError
+from common.config import LlmConfig
+from common.errors import EngineError
 
 
 def ab(ahead: float) -> GenerationRequest:

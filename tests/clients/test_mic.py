@@ -29,7 +29,7 @@ from clients.mic import (
     render_turn,
     session_update,
 )
-from realtime import cli
+from duet import cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -454,7 +454,7 @@ def alsa_home(tmp_path: Path, capture_file: Path | None = None) -> dict[str, str
 
 
 async def run_mic_process(env: dict[str, str], *args: str, timeout_s: float = 90.0) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "realtime.cli", "mic", *args, cwd=REPO,
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "duet.cli", "mic", *args, cwd=REPO,
                                                 env=env, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)
     try:

@@ -12,7 +12,7 @@ import pytest
 import soxr
 from websockets.asyncio.client import ClientConnection, connect
 
-from realtime.audio import AudioFormat, decode, encode
+from common.audio import AudioFormat, decode, encode
 
 pytestmark = pytest.mark.integration
 

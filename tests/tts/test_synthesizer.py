@@ -6,8 +6,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from realtime.config import TtsConfig
-from realtime.errors import EngineError
+from common.config import TtsConfig
+from common.errors import EngineError
 from tts.synthesizer import SENTENCE_SILENCE_S, Synthesizer
 
 QUESTION = "What is the capital of France?"

@@ -1,0 +1,1 @@
+"""What every package may use: configuration, errors, audio codecs and rates, the playback clock."""

@@ -1,0 +1,1 @@
+"""Duet's command line: the top of the import graph (it may import every package; none imports it)."""

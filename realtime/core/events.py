@@ -1,0 +1,368 @@
+"""OpenAI Realtime protocol events: one typed union per direction, and the JSON codec (sans I/O).
+
+Field names follow the published protocol exactly, so clients written for it work unchanged. The
+session core works with these structs; only `decode_client_event` / `encode_server_event` see JSON.
+Server events are named with the GA names; `BETA_NAMES` maps them for sessions that speak the beta.
+Duet's own additions use the `duet.` namespace, which standard clients ignore.
+"""
+
+from __future__ import annotations
+
+import binascii
+import itertools
+import secrets
+from typing import Any
+
+import msgspec
+
+from common.errors import SessionError
+
+# ---------------------------------------------------------------------------------------------
+# Client -> server
+
+
+class ClientEvent(msgspec.Struct, kw_only=True, tag_field="type"):
+    event_id: str | None = None
+
+
+class SessionUpdate(ClientEvent, kw_only=True, tag="session.update"):
+    session: dict[str, Any]
+
+
+class InputAudioBufferAppend(ClientEvent, kw_only=True, tag="input_audio_buffer.append"):
+    audio: str  # base64; decoded by `decode_audio` for a clear error on bad input
+
+
+class InputAudioBufferCommit(ClientEvent, kw_only=True, tag="input_audio_buffer.commit"):
+    pass
+
+
+class InputAudioBufferClear(ClientEvent, kw_only=True, tag="input_audio_buffer.clear"):
+    pass
+
+
+class ConversationItemCreate(ClientEvent, kw_only=True, tag="conversation.item.create"):
+    item: dict[str, Any]
+    previous_item_id: str | None = None
+
+
+class ConversationItemTruncate(ClientEvent, kw_only=True, tag="conversation.item.truncate"):
+    item_id: str
+    content_index: int = 0
+    audio_end_ms: int = 0
+
+
+class ConversationItemDelete(ClientEvent, kw_only=True, tag="conversation.item.delete"):
+    item_id: str
+
+
+class ConversationItemRetrieve(ClientEvent, kw_only=True, tag="conversation.item.retrieve"):
+    item_id: str
+
+
+class ResponseCreate(ClientEvent, kw_only=True, tag="response.create"):
+    response: dict[str, Any] | None = None
+
+
+class ResponseCancel(ClientEvent, kw_only=True, tag="response.cancel"):
+    response_id: str | None = None
+
+
+class OutputAudioBufferClear(ClientEvent, kw_only=True, tag="output_audio_buffer.clear"):
+    pass
+
+
+ClientEventT = (SessionUpdate | InputAudioBufferAppend | InputAudioBufferCommit | InputAudioBufferClear
+                | ConversationItemCreate | ConversationItemTruncate | ConversationItemDelete
+                | ConversationItemRetrieve | ResponseCreate | ResponseCancel | OutputAudioBufferClear)
+
+CLIENT_EVENTS: dict[str, type[ClientEvent]] = {
+    cls.__struct_config__.tag: cls  # type: ignore[misc]
+    for cls in (SessionUpdate, InputAudioBufferAppend, InputAudioBufferCommit, InputAudioBufferClear,
+                ConversationItemCreate, ConversationItemTruncate, ConversationItemDelete,
+                ConversationItemRetrieve, ResponseCreate, ResponseCancel, OutputAudioBufferClear)
+}
+
+_json_decoder = msgspec.json.Decoder()
+
+
+def decode_client_event(data: str | bytes) -> ClientEvent:
+    """Parse one client message; raise SessionError with a protocol error code on bad input."""
+    try:
+        raw = _json_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise SessionError(f"message is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(raw, dict):
+        raise SessionError("message must be a JSON object", code="invalid_json")
+    event_id = raw.get("event_id") if isinstance(raw.get("event_id"), str) else None
+    kind = raw.get("type")
+    if not isinstance(kind, str):
+        raise SessionError("message has no string 'type' field", code="missing_type", event_id=event_id)
+    cls = CLIENT_EVENTS.get(kind)
+    if cls is None:
+        raise SessionError(f"unknown event type {kind!r}", code="unknown_event_type", param="type",
+                           event_id=event_id)
+    try:
+        return msgspec.convert(raw, cls)
+    except msgspec.ValidationError as exc:
+        raise SessionError(f"invalid {kind}: {exc}", code="invalid_value", event_id=event_id) from None
+
+
+def decode_audio(b64: str, event_id: str | None = None) -> bytes:
+    try:
+        return binascii.a2b_base64(b64, strict_mode=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SessionError(f"audio is not valid base64: {exc}", code="invalid_base64", param="audio",
+                           event_id=event_id) from None
+
+
+def encode_audio(data: bytes) -> str:
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
+
+
+# ---------------------------------------------------------------------------------------------
+# Server -> client
+
+
+class ServerEvent(msgspec.Struct, kw_only=True, tag_field="type"):
+    event_id: str = ""
+
+
+class ErrorDetail(msgspec.Struct, kw_only=True):
+    type: str
+    code: str
+    message: str
+    param: str | None = None
+    event_id: str | None = None
+
+
+class Error(ServerEvent, kw_only=True, tag="error"):
+    error: ErrorDetail
+
+
+class SessionCreated(ServerEvent, kw_only=True, tag="session.created"):
+    session: dict[str, Any]
+
+
+class SessionUpdated(ServerEvent, kw_only=True, tag="session.updated"):
+    session: dict[str, Any]
+
+
+class SpeechStarted(ServerEvent, kw_only=True, tag="input_audio_buffer.speech_started"):
+    audio_start_ms: int
+    item_id: str
+
+
+class SpeechStopped(ServerEvent, kw_only=True, tag="input_audio_buffer.speech_stopped"):
+    audio_end_ms: int
+    item_id: str
+
+
+class Committed(ServerEvent, kw_only=True, tag="input_audio_buffer.committed"):
+    previous_item_id: str | None
+    item_id: str
+
+
+class Cleared(ServerEvent, kw_only=True, tag="input_audio_buffer.cleared"):
+    pass
+
+
+class ItemCreated(ServerEvent, kw_only=True, tag="conversation.item.created"):
+    previous_item_id: str | None
+    item: dict[str, Any]
+
+
+class ItemTruncated(ServerEvent, kw_only=True, tag="conversation.item.truncated"):
+    item_id: str
+    content_index: int = 0
+    audio_end_ms: int
+
+
+class ItemDeleted(ServerEvent, kw_only=True, tag="conversation.item.deleted"):
+    item_id: str
+
+
+class ItemRetrieved(ServerEvent, kw_only=True, tag="conversation.item.retrieved"):
+    item: dict[str, Any]
+
+
+class TranscriptionDelta(ServerEvent, kw_only=True, tag="conversation.item.input_audio_transcription.delta"):
+    item_id: str
+    content_index: int = 0
+    delta: str
+
+
+class TranscriptionCompleted(ServerEvent, kw_only=True, tag="conversation.item.input_audio_transcription.completed"):
+    item_id: str
+    content_index: int = 0
+    transcript: str
+
+
+class PartialTranscript(ServerEvent, kw_only=True, tag="duet.input_transcript.partial"):
+    """The user's words so far, while they are still speaking (a Duet extension; revised, not appended)."""
+
+    item_id: str
+    transcript: str
+
+
+class ResponseCreated(ServerEvent, kw_only=True, tag="response.created"):
+    response: dict[str, Any]
+
+
+class OutputItemAdded(ServerEvent, kw_only=True, tag="response.output_item.added"):
+    response_id: str
+    output_index: int = 0
+    item: dict[str, Any]
+
+
+class OutputItemDone(ServerEvent, kw_only=True, tag="response.output_item.done"):
+    response_id: str
+    output_index: int = 0
+    item: dict[str, Any]
+
+
+class ContentPartAdded(ServerEvent, kw_only=True, tag="response.content_part.added"):
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    part: dict[str, Any]
+
+
+class ContentPartDone(ServerEvent, kw_only=True, tag="response.content_part.done"):
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    part: dict[str, Any]
+
+
+class _Delta(ServerEvent, kw_only=True):
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    delta: str
+
+
+class AudioDelta(_Delta, kw_only=True, tag="response.output_audio.delta"):
+    pass
+
+
+class AudioTranscriptDelta(_Delta, kw_only=True, tag="response.output_audio_transcript.delta"):
+    pass
+
+
+class TextDelta(_Delta, kw_only=True, tag="response.output_text.delta"):
+    pass
+
+
+class AudioDone(ServerEvent, kw_only=True, tag="response.output_audio.done"):
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+
+
+class AudioTranscriptDone(ServerEvent, kw_only=True, tag="response.output_audio_transcript.done"):
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    transcript: str
+
+
+class TextDone(ServerEvent, kw_only=True, tag="response.output_text.done"):
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    text: str
+
+
+class FunctionCallArgumentsDelta(ServerEvent, kw_only=True, tag="response.function_call_arguments.delta"):
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    call_id: str
+    delta: str
+
+
+class FunctionCallArgumentsDone(ServerEvent, kw_only=True, tag="response.function_call_arguments.done"):
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    call_id: str
+    name: str
+    arguments: str
+
+
+class RateLimit(msgspec.Struct, kw_only=True):
+    name: str
+    limit: int
+    remaining: int
+    reset_seconds: float
+
+
+class RateLimitsUpdated(ServerEvent, kw_only=True, tag="rate_limits.updated"):
+    rate_limits: list[RateLimit]
+
+
+class ResponseDone(ServerEvent, kw_only=True, tag="response.done"):
+    response: dict[str, Any]
+
+
+class OutputAudioBufferCleared(ServerEvent, kw_only=True, tag="output_audio_buffer.cleared"):
+    response_id: str | None = None
+
+
+class ThoughtDelta(ServerEvent, kw_only=True, tag="duet.thought.delta"):
+    """Visible reasoning: the formulation brain's text as it is written (a Duet extension)."""
+
+    response_id: str
+    item_id: str
+    delta: str
+
+
+class TurnMetrics(ServerEvent, kw_only=True, tag="duet.turn.metrics"):
+    """Per-turn timestamps (ms, server monotonic clock relative to the user's speech end)."""
+
+    response_id: str
+    metrics: dict[str, float | int | str | None]
+
+
+BETA_NAMES = {
+    "response.output_audio.delta": "response.audio.delta",
+    "response.output_audio.done": "response.audio.done",
+    "response.output_audio_transcript.delta": "response.audio_transcript.delta",
+    "response.output_audio_transcript.done": "response.audio_transcript.done",
+    "response.output_text.delta": "response.text.delta",
+    "response.output_text.done": "response.text.done",
+}
+
+_json_encoder = msgspec.json.Encoder()
+
+
+def encode_server_event(event: ServerEvent, beta: bool = False) -> str:
+    if not event.event_id:
+        event.event_id = new_id("event")
+    if beta:
+        name = event.__struct_config__.tag
+        if isinstance(name, str) and name in BETA_NAMES:
+            raw = msgspec.to_builtins(event)
+            raw["type"] = BETA_NAMES[name]
+            return _json_encoder.encode(raw).decode()
+    return _json_encoder.encode(event).decode()
+
+
+def error_event(err: SessionError) -> Error:
+    return Error(error=ErrorDetail(type=err.type, code=err.code, message=err.message, param=err.param,
+                                   event_id=err.event_id))
+
+
+_counter = itertools.count(1)
+
+
+def new_id(prefix: str) -> str:
+    """Protocol-style ids (`item_…`, `resp_…`): unique per process, short, not guessable."""
+    return f"{prefix}_{next(_counter):06d}{secrets.token_hex(5)}"

@@ -1,0 +1,356 @@
+"""One assistant response: brains -> text deltas -> sentence chunks -> speech -> audio deltas.
+
+Text streams to the client as the articulation brain writes it; each complete sentence (or, for the
+first, a clause) is synthesized at once, so the first audio leaves while the brain is still writing.
+Cancelling (barge-in, response.cancel, disconnect) stops the brains and speech at once and truncates
+the assistant's item to what the client had played by then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from brains.history import Item
+from brains.pacer import MindPacer, PacerDone, ReplyDelta, ThoughtDelta, ToolCall
+from brains.tools import parse_tool_call
+from common import audio as audio_codec
+from common.config import PACING_MODES, PacingMode
+from common.errors import DuetError, SessionError
+from common.playback import PlaybackClock
+from realtime.core import events as ev
+from tts.chunker import SentenceChunker
+
+if TYPE_CHECKING:
+    from realtime.core.prefetch import Prefetch
+    from realtime.core.session import Session
+    from realtime.core.settings import SessionSettings
+
+log = logging.getLogger(__name__)
+
+AUDIO_DELTA_MS = 200  # audio delta size: small enough to start playback early, large enough to be cheap
+
+
+@dataclass(frozen=True)
+class ResponseOptions:
+    instructions: str | None
+    modalities: tuple[str, ...]
+    pacing: PacingMode
+    max_output_tokens: int | None
+    conversation: str = "auto"  # "none": out-of-band, not added to the history
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: str = "auto"  # auto | none | required | the name of one function
+    turn_committed_at: float | None = None
+    transcribed_at: float | None = None
+    speech_end_ms: int | None = None
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any], settings: SessionSettings, event_id: str | None = None) -> ResponseOptions:
+        def bad(msg: str, param: str) -> SessionError:
+            return SessionError(msg, code="invalid_value", param=f"response.{param}", event_id=event_id)
+
+        mods = raw.get("output_modalities", raw.get("modalities", settings.modalities))
+        if not isinstance(mods, list) or not mods or any(m not in ("audio", "text") for m in mods):
+            raise bad("modalities must be a non-empty list of 'audio' and 'text'", "modalities")
+        pacing = (raw.get("duet") or {}).get("pacing", settings.pacing)
+        if pacing not in PACING_MODES:
+            raise bad(f"duet.pacing must be one of {PACING_MODES}", "duet.pacing")
+        limit = raw.get("max_output_tokens", raw.get("max_response_output_tokens", settings.max_output_tokens))
+        if limit != "inf" and (not isinstance(limit, int) or limit < 1):
+            raise bad("max_output_tokens must be a positive integer or 'inf'", "max_output_tokens")
+        instructions = raw.get("instructions", settings.instructions)
+        if instructions is not None and not isinstance(instructions, str):
+            raise bad("instructions must be a string", "instructions")
+        conversation = raw.get("conversation", "auto")
+        tools = raw.get("tools", settings.tools)
+        if not isinstance(tools, list) or any(not isinstance(t, dict) or not t.get("name") for t in tools):
+            raise bad("tools must be a list of function objects with a name", "tools")
+        choice = raw.get("tool_choice", settings.tool_choice)
+        if isinstance(choice, dict):
+            choice = (choice.get("function") or {}).get("name") or choice.get("name")
+        names = [t["name"] for t in tools]
+        if choice not in ("auto", "none", "required", *names):
+            raise bad(f"tool_choice must be auto, none, required or one of the tools {names}", "tool_choice")
+        return cls(instructions=instructions, modalities=tuple(mods), pacing=pacing,
+                   max_output_tokens=None if limit == "inf" else limit,
+                   conversation="none" if conversation == "none" else "auto", tools=tuple(tools),
+                   tool_choice=choice)
+
+    @property
+    def offered_tools(self) -> list[dict[str, Any]]:
+        return list(self.tools) if self.tool_choice != "none" else []
+
+    @property
+    def tool_prefix(self) -> str | None:
+        """How the AB's reply starts: None = no tools; a forced choice pre-writes the start of the call."""
+        if not self.offered_tools:
+            return None
+        if self.tool_choice == "required":
+            return '<tool_call>\n{"name": "'
+        if self.tool_choice != "auto":
+            return f'<tool_call>\n{{"name": "{self.tool_choice}", "arguments": '
+        return ""
+
+
+class Response:
+    def __init__(self, session: Session, options: ResponseOptions, prefetch: Prefetch | None = None) -> None:
+        self.session = session
+        self.options = options
+        self.prefetch = prefetch
+        self.id = ev.new_id("resp")
+        self.item = Item(id=ev.new_id("item"), role="assistant", audio="audio" in options.modalities,
+                         status="in_progress")
+        self.playback = prefetch.playback if prefetch is not None else PlaybackClock()
+        self.done = False
+        self.status = "in_progress"
+        self.status_reason: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._pacer: MindPacer | None = None
+        self.metrics: dict[str, Any] = {"pacing": options.pacing}
+        self.first_audio_at: float | None = None
+        self._output: list[Item] = []  # output items in order: the message and any function calls
+        self._out_energy = 0.0
+        self._out_samples = 0
+        self._t0 = options.turn_committed_at or time.perf_counter()
+
+    @property
+    def beta(self) -> bool:
+        return self.session.settings.beta
+
+    def _mark(self, name: str) -> None:
+        if name not in self.metrics:
+            self.metrics[name] = round((time.perf_counter() - self._t0) * 1000, 1)
+
+    def cancel(self, reason: str) -> None:
+        if self.done:
+            return
+        self.status, self.status_reason = "cancelled", reason
+        if self._pacer is not None:
+            self._pacer.cancel()
+        if self.prefetch is not None:
+            self.prefetch.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+    async def stop(self, reason: str) -> None:
+        """Cancel and wait until the response has finished (its done events are out)."""
+        self.cancel(reason)
+        task = self._task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            await asyncio.wait([task])
+
+    @property
+    def far_rms(self) -> float:
+        """Level of the reply audio sent so far (the far end, for the echo test of barge-in)."""
+        return float(np.sqrt(self._out_energy / self._out_samples)) if self._out_samples else 0.0
+
+    def audible(self) -> bool:
+        """Is reply audio (possibly) coming out of the client's speaker now?"""
+        return self.first_audio_at is not None and (not self.done or self.playback.ahead_ms() > 0)
+
+    async def run(self) -> None:
+        self._task = asyncio.current_task()
+        s = self.session
+        emit = s.emit
+        emit(ev.ResponseCreated(response=self._protocol([])))
+        emit(s.rate_limits())
+        speech = _Speech(self) if self.item.audio else None
+        try:
+            await self._think_and_speak(speech)
+            self.status = "completed"
+        except asyncio.CancelledError:
+            if self.status != "cancelled":
+                raise
+        except DuetError as exc:
+            self.status, self.status_reason = "failed", str(exc)
+            emit(ev.error_event(SessionError(f"response failed: {exc}", code="response_failed",
+                                             type="server_error")))
+        finally:
+            if speech is not None:
+                speech.stop()
+            self._finish()
+
+    def _open_message(self) -> None:
+        """Announce the assistant message when it has something to say (a forced tool call may not)."""
+        if self.item in self._output:
+            return
+        if self.options.conversation == "auto":
+            self.session.history.add(self.item)
+        self._output.append(self.item)
+        index = self._output.index(self.item)
+        self.session.emit(ev.OutputItemAdded(response_id=self.id, output_index=index,
+                                             item=self.item.to_protocol(self.beta)))
+        self.session.emit(ev.ContentPartAdded(response_id=self.id, item_id=self.item.id, output_index=index,
+                                              part=self._part()))
+
+    def _function_call(self, text: str) -> None:
+        name, arguments = parse_tool_call(text)
+        item = Item(id=ev.new_id("item"), role="assistant", type="function_call", call_id=ev.new_id("call"),
+                    name=name, arguments=arguments, status="completed")
+        if self.options.conversation == "auto":
+            self.session.history.add(item)
+        index = len(self._output)
+        self._output.append(item)
+        emit = self.session.emit
+        emit(ev.OutputItemAdded(response_id=self.id, output_index=index,
+                                item={**item.to_protocol(self.beta), "arguments": "", "status": "in_progress"}))
+        emit(ev.FunctionCallArgumentsDelta(response_id=self.id, item_id=item.id, output_index=index,
+                                           call_id=item.call_id, delta=arguments))
+        emit(ev.FunctionCallArgumentsDone(response_id=self.id, item_id=item.id, output_index=index,
+                                          call_id=item.call_id, name=name, arguments=arguments))
+        emit(ev.OutputItemDone(response_id=self.id, output_index=index, item=item.to_protocol(self.beta)))
+        self.session.log.info("function call %s(%s)", name, arguments)
+
+    async def _think_and_speak(self, speech: _Speech | None) -> None:
+        s, rt, opts = self.session, self.session.rt, self.options
+        llm = rt.config.llm
+        if opts.max_output_tokens is not None:
+            llm = dataclasses.replace(llm, max_reply_tokens=min(llm.max_reply_tokens, opts.max_output_tokens))
+        if self.prefetch is not None:
+            self._pacer = self.prefetch.pacer
+            source = self.prefetch.events()
+            self.metrics["prefetched"] = True
+        else:
+            self._pacer = self.session.new_pacer(opts, self.playback, llm)
+            source = self._pacer.run(self._conversation_ids(self._pacer.thinking))
+        async for event in source:
+            if isinstance(event, ThoughtDelta):
+                self._mark("fb_first_token_ms")
+                s.emit(ev.ThoughtDelta(response_id=self.id, item_id=self.item.id, delta=event.text))
+                self.item.thought += event.text
+            elif isinstance(event, ToolCall):
+                self._function_call(event.text)
+            elif isinstance(event, ReplyDelta):
+                self._mark("ab_first_token_ms")
+                self._open_message()
+                self.item.text += event.text
+                cls = ev.AudioTranscriptDelta if self.item.audio else ev.TextDelta
+                s.emit(cls(response_id=self.id, item_id=self.item.id, delta=event.text))
+                if speech is not None:
+                    speech.push(event.text)
+            elif isinstance(event, PacerDone):
+                self.item.text = event.reply
+                st = event.stats
+                if st.fb_finished is not None:
+                    self.metrics["fb_finished_ms"] = round((st.fb_finished - self._t0) * 1000, 1)
+                if st.ab_first_token is not None:
+                    self.metrics["ab_first_token_engine_ms"] = round((st.ab_first_token - self._t0) * 1000, 1)
+                self.metrics.update(fb_tokens_before_reply=st.fb_tokens_before_reply, thought_tokens=st.thought_tokens,
+                                    reply_tokens=st.reply_tokens, ab_segments=st.ab_segments,
+                                    prefill_reused=st.prefill_reused)
+        if speech is not None:
+            await speech.finish()
+
+    def _conversation_ids(self, thinking: bool) -> list[int]:
+        # This response's own item is already in the history, still empty, and messages() skips it.
+        return self.session.conversation_ids(self.session.history.messages(), self.options, thinking)
+
+    # ---- finishing ----------------------------------------------------------------------------
+    def _part(self) -> dict[str, Any]:
+        if self.item.audio:
+            return {"type": "audio" if self.beta else "output_audio", "transcript": self.item.text}
+        return {"type": "text" if self.beta else "output_text", "text": self.item.text}
+
+
+    def _finish(self) -> None:
+        s, emit = self.session, self.session.emit
+        self.done = True
+        if self.status == "cancelled" and self.item.audio:
+            # Barge-in or cancel: keep only what the server's playback clock says the user heard.
+            self.item.text = self.item.heard_text(self.playback.played_ms())
+        self.item.status = "completed" if self.status == "completed" else "incomplete"
+        self.item.audio_ms = self.playback.queued_ms
+        if not self._output:
+            self._open_message()  # every response has an output item, even an empty one
+        if self.item in self._output:
+            index = self._output.index(self.item)
+            done = dict(response_id=self.id, item_id=self.item.id, output_index=index)
+            if self.item.audio:
+                emit(ev.AudioDone(**done))
+                emit(ev.AudioTranscriptDone(**done, transcript=self.item.text))
+            else:
+                emit(ev.TextDone(**done, text=self.item.text))
+            emit(ev.ContentPartDone(**done, part=self._part()))
+            emit(ev.OutputItemDone(response_id=self.id, output_index=index, item=self.item.to_protocol(self.beta)))
+        self.metrics.update(underruns=self.playback.underruns, audio_ms=round(self.playback.queued_ms),
+                            speech_end_ms=self.options.speech_end_ms, status=self.status)
+        if self.options.transcribed_at is not None:
+            self.metrics["transcript_ms"] = round((self.options.transcribed_at - self._t0) * 1000, 1)
+        emit(ev.TurnMetrics(response_id=self.id, metrics=self.metrics))
+        usage = {"output_tokens": self.metrics.get("reply_tokens", 0),
+                 "output_token_details": {"reasoning_tokens": self.metrics.get("thought_tokens", 0)}}
+        output = [item.to_protocol(self.beta) for item in self._output]
+        emit(ev.ResponseDone(response=self._protocol(output, usage)))
+        s.log.info("response %s %s: %r %s", self.id, self.status, self.item.text[:80], self.metrics)
+
+    def _protocol(self, output: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        details = {"type": self.status, "reason": self.status_reason} if self.status_reason else None
+        return {"id": self.id, "object": "realtime.core.response", "status": self.status, "status_details": details,
+                "output": output, "usage": usage, "modalities" if self.beta else "output_modalities":
+                list(self.options.modalities), "conversation_id": self.session.id}
+
+
+class _Speech:
+    """Chunks the reply text, synthesizes each chunk in the TTS pool and sends it as audio deltas."""
+
+    def __init__(self, response: Response) -> None:
+        self.r = response
+        rt = response.session.rt
+        self.chunker = SentenceChunker(first_chunk_min_words=rt.config.tts.first_chunk_min_words)
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+        self.task = asyncio.create_task(self._run())
+
+    def push(self, text: str) -> None:
+        for chunk in self.chunker.push(text):
+            self.r.session.log.debug("chunk ready %r at %.0f ms", chunk, (time.perf_counter() - self.r._t0) * 1000)
+            self.queue.put_nowait(chunk)
+
+    async def finish(self) -> None:
+        for chunk in self.chunker.flush():
+            self.queue.put_nowait(chunk)
+        self.queue.put_nowait(None)
+        await self.task
+
+    def stop(self) -> None:
+        self.task.cancel()
+
+    async def _run(self) -> None:
+        r = self.r
+        s = r.session
+        synth = s.rt.synthesizer
+        while (chunk := await self.queue.get()) is not None:
+            t0 = time.perf_counter()
+            wav = await s.rt.run_in(s.rt.tts_pool, synth.synthesize, chunk)
+            s.log.debug("synthesized %r: %.0f ms of audio in %.0f ms (%.0f ms after commit)", chunk,
+                        len(wav) * 1000 / synth.sample_rate, (time.perf_counter() - t0) * 1000,
+                        (time.perf_counter() - r._t0) * 1000)
+            if not len(wav):
+                continue
+            r._mark("first_audio_synthesized_ms")
+            fmt = s.settings.output_format
+            out = audio_codec.resample(wav, synth.sample_rate, fmt.sample_rate)
+            start = r.playback.queued_ms
+            self._send(out, fmt)
+            r.item.spoken.append((start, r.playback.queued_ms, chunk))
+
+    def _send(self, samples: np.ndarray, fmt: audio_codec.AudioFormat) -> None:
+        r = self.r
+        step = fmt.sample_rate * AUDIO_DELTA_MS // 1000
+        for i in range(0, len(samples), step):
+            piece = samples[i:i + step]
+            data = audio_codec.encode(piece, fmt)
+            r._out_energy += float(np.dot(piece, piece))
+            r._out_samples += len(piece)
+            if r.first_audio_at is None:
+                r.first_audio_at = time.perf_counter()
+            r.session.emit(ev.AudioDelta(response_id=r.id, item_id=r.item.id,
+                                         delta=ev.encode_audio(data)))
+            r._mark("first_audio_sent_ms")
+            r.playback.add(len(piece) * 1000.0 / fmt.sample_rate)
+

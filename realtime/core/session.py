@@ -1,0 +1,387 @@
+"""One conversation: input audio -> turns -> transcript -> mind-paced reply -> speech out.
+
+The session core speaks typed protocol events (`realtime.core.events`) and never sees JSON, base64 framing
+or a socket: transports feed it client events and drain the events it emits. Model work happens in
+the runtime's thread pools and engine thread; here we only route and keep per-session state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from brains.history import Conversation, Item
+from brains.pacer import MindPacer
+from brains.prompts import ChatMessage
+from common import audio as audio_codec
+from common.config import LlmConfig, VadConfig
+from common.errors import SessionError
+from common.playback import PlaybackClock
+from realtime.core import events as ev
+from realtime.core.items import ItemEvents
+from realtime.core.prefetch import Prefetch
+from realtime.core.response import Response, ResponseOptions
+from realtime.core.settings import SessionSettings
+from realtime.runtime import Runtime
+from realtime.speech_in import barge_in
+from realtime.speech_in.vad import SilenceStarted, SpeechResumed, SpeechStarted, SpeechStopped, TurnEvent, VadSegmenter
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[ev.ServerEvent], None]
+VAD_RATE = 16000
+
+
+class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[{self.extra['session_id']}] {msg}", kwargs  # type: ignore[index]
+
+
+class Session(ItemEvents):
+    def __init__(self, runtime: Runtime, session_id: str, emit: Emit, beta: bool = False) -> None:
+        self.rt = runtime
+        self.id = session_id
+        self.emit = emit
+        self.log = SessionLog(log, {"session_id": session_id})
+        self.settings = SessionSettings.from_config(runtime.config, beta=beta)
+        self.history = Conversation()
+        self.segmenter = VadSegmenter(runtime.vad, runtime.config.vad,
+                                      max_turn_ms=int(runtime.config.server.max_turn_seconds * 1000))
+        self._resampler = audio_codec.Resampler(self.settings.input_format.sample_rate, VAD_RATE)
+        self._odd_byte = b""
+        self._audio_in: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._manual_audio: list[np.ndarray] = []  # input buffer when turn_detection is null
+        self._speculative: asyncio.Future[str] | None = None
+        self._prefetch: Prefetch | None = None
+        self._unconfirmed: str | None = None  # a turn heard during the reply, not yet judged an interruption
+        self._near: deque[tuple[float, int]] = deque(maxlen=25)  # (energy, samples) of recent input chunks
+        self._pending_item: str | None = None  # item id of the turn in progress
+        self.response: Response | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._input_task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.emit(ev.SessionCreated(session=self.settings.to_protocol(self.id)))
+        self._input_task = asyncio.create_task(self._input_loop(), name=f"{self.id}-input")
+
+    async def close(self) -> None:
+        if self.response is not None:
+            self.response.cancel("client_disconnected")
+        self._drop_speculation()
+        tasks = [t for t in (*self._tasks, self._input_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=f"{self.id}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            self.log.error("task %s failed: %r", task.get_name(), exc, exc_info=exc)
+            self.emit(ev.error_event(SessionError(f"internal error: {exc}", code="internal_error",
+                                                  type="server_error")))
+
+    # ---- client events ------------------------------------------------------------------------
+    async def handle(self, event: ev.ClientEvent) -> None:
+        handler = getattr(self, "_on_" + type(event).__name__, None)
+        if handler is None:
+            raise SessionError(f"{type(event).__name__} is not supported yet", code="unsupported_event",
+                               event_id=event.event_id)
+        await handler(event)
+
+    async def _on_SessionUpdate(self, e: ev.SessionUpdate) -> None:
+        before_rate = self.settings.input_format.sample_rate
+        self.settings.apply(e.session, e.event_id)
+        if self.settings.input_format.sample_rate != before_rate:
+            self._resampler = audio_codec.Resampler(self.settings.input_format.sample_rate, VAD_RATE)
+        td = self.settings.turn_detection
+        if td is not None:
+            self.segmenter.detector.configure(VadConfig(
+                threshold=td.threshold, prefix_padding_ms=td.prefix_padding_ms,
+                silence_duration_ms=td.silence_duration_ms, min_speech_ms=self.rt.config.vad.min_speech_ms))
+        self.emit(ev.SessionUpdated(session=self.settings.to_protocol(self.id)))
+
+    async def _on_InputAudioBufferAppend(self, e: ev.InputAudioBufferAppend) -> None:
+        data = ev.decode_audio(e.audio, e.event_id)
+        if self.settings.input_format.encoding == "pcm16":
+            data = self._odd_byte + data
+            self._odd_byte = b""
+            if len(data) % 2:
+                # Keep the stray byte for the next append so the stream stays aligned and nothing is lost.
+                self._odd_byte, data = data[-1:], data[:-1]
+                self.emit(ev.error_event(SessionError(
+                    "pcm16 audio must be a whole number of 16-bit samples; the odd trailing byte is held "
+                    "for the next append", code="invalid_audio_length", param="audio", event_id=e.event_id)))
+        if data:
+            self._audio_in.put_nowait(data)
+
+    async def _on_InputAudioBufferCommit(self, e: ev.InputAudioBufferCommit) -> None:
+        await self._audio_drained()
+        if self.settings.turn_detection is not None:
+            audio = await self.rt.run_in(self.rt.vad_pool, self._take_turn_audio)
+        else:
+            audio = np.concatenate(self._manual_audio) if self._manual_audio else np.zeros(0, np.float32)
+            self._manual_audio.clear()
+        if len(audio) < VAD_RATE // 10:
+            raise SessionError("buffer too small: commit needs at least 100 ms of audio",
+                               code="input_audio_buffer_commit_empty", event_id=e.event_id)
+        self._commit_turn(self._pending_item or ev.new_id("item"), audio, None)
+
+    def _take_turn_audio(self) -> np.ndarray:
+        audio = self.segmenter.current_turn_audio()
+        self.segmenter.reset()
+        return audio
+
+    async def _on_InputAudioBufferClear(self, e: ev.InputAudioBufferClear) -> None:
+        await self._audio_drained()
+        await self.rt.run_in(self.rt.vad_pool, self.segmenter.reset)
+        self._manual_audio.clear()
+        self._pending_item = None
+        self.emit(ev.Cleared())
+
+    async def _on_ResponseCreate(self, e: ev.ResponseCreate) -> None:
+        options = ResponseOptions.parse(e.response or {}, self.settings, e.event_id)
+        self.start_response(options)
+
+    async def _on_ResponseCancel(self, e: ev.ResponseCancel) -> None:
+        if self.response is None or self.response.done:
+            raise SessionError("no response is in progress", code="response_cancel_not_active",
+                               event_id=e.event_id)
+        if e.response_id and e.response_id != self.response.id:
+            raise SessionError(f"response {e.response_id} is not in progress", code="invalid_value",
+                               param="response_id", event_id=e.event_id)
+        self.response.cancel("client_cancelled")
+
+    # ---- input audio --------------------------------------------------------------------------
+    async def _audio_drained(self) -> None:
+        """Wait until every appended chunk went through the VAD (commit/clear act on all of it)."""
+        while not self._audio_in.empty():
+            await asyncio.sleep(0.005)
+        await self.rt.run_in(self.rt.vad_pool, lambda: None)
+
+    async def _input_loop(self) -> None:
+        while True:
+            data = await self._audio_in.get()
+            if data is None:
+                return
+            samples = audio_codec.decode(data, self.settings.input_format)
+            samples = self._resampler.process(samples)
+            if self.settings.turn_detection is None:
+                self._manual_audio.append(samples)
+                continue
+            self._near.append((float(np.dot(samples, samples)), len(samples)))
+            turn_events, snapshot = await self.rt.run_in(self.rt.vad_pool, self._feed_vad, samples)
+            for event in turn_events:
+                self._on_turn_event(event, snapshot)
+
+    def _feed_vad(self, samples: np.ndarray) -> tuple[list[TurnEvent], np.ndarray | None]:
+        """Runs on the VAD thread; snapshots the turn's audio there when the user falls silent."""
+        events = self.segmenter.feed(samples)
+        snapshot = self.segmenter.current_turn_audio() if any(isinstance(x, SilenceStarted) for x in events) \
+            else None
+        return events, snapshot
+
+    def _on_turn_event(self, event: TurnEvent, snapshot: np.ndarray | None) -> None:
+        if isinstance(event, SpeechStarted):
+            item_id = self._pending_item = ev.new_id("item")
+            self._drop_speculation()
+            self._near.clear()
+            if self.response is not None and self.response.audible():
+                # Maybe an interruption, maybe the reply's own echo or a cough: announce it only once the
+                # barge-in guard agrees (clients stop playback on speech_started).
+                self._unconfirmed = item_id
+                self._spawn(self._guard_barge_in(item_id, event, self.response, time.perf_counter()), "barge-in")
+            else:
+                self._speech_confirmed(item_id, event)
+                td = self.settings.turn_detection
+                if self.response is not None and not self.response.done and td is not None and td.interrupt_response:
+                    self.response.cancel("turn_detected")  # nothing audible yet: the user simply went on
+        elif self._unconfirmed is not None and self._unconfirmed == self._pending_item:
+            if isinstance(event, SpeechStopped):
+                self.log.info("ignored %d ms of speech during the reply (echo or noise)",
+                              event.audio_end_ms - self.segmenter.detector.turn_audio_start_ms)
+                self._unconfirmed = self._pending_item = None
+        elif isinstance(event, SilenceStarted) and snapshot is not None and self.rt.asr_inflight == 0:
+            # Transcribe while the silence window runs: if the user stays quiet, the transcript is
+            # ready (or nearly) when the turn is confirmed, taking ASR off the critical path. Only when
+            # Whisper is idle: behind other sessions' turns a speculative pass gains nothing and costs a slot.
+            fut = asyncio.ensure_future(self.rt.transcribe(snapshot))
+            self._speculative = fut
+            self._spawn(self._prefetch_when_transcribed(fut), "prefetch")
+        elif isinstance(event, SpeechResumed):
+            self._speculative = None
+        elif isinstance(event, SpeechStopped):
+            item_id = self._pending_item or ev.new_id("item")
+            self._pending_item = None
+            self.emit(ev.SpeechStopped(audio_end_ms=event.audio_end_ms, item_id=item_id))
+            speculative, prefetch = self._speculative, self._prefetch
+            self._speculative = self._prefetch = None
+            self._commit_turn(item_id, event.audio, speculative, prefetch, speech_end_ms=event.audio_end_ms)
+
+    def _speech_confirmed(self, item_id: str, event: SpeechStarted) -> None:
+        self.emit(ev.SpeechStarted(audio_start_ms=event.audio_start_ms, item_id=item_id))
+        if self.settings.partial_transcripts_ms > 0:
+            self._spawn(self._listen(item_id), "listen")
+
+    async def _guard_barge_in(self, item_id: str, event: SpeechStarted, response: Response, t0: float) -> None:
+        cfg = self.rt.config.barge_in
+        already_ms = self.rt.config.vad.min_speech_ms  # the VAD reported speech only after this much of it
+        while self._unconfirmed == item_id:
+            now = time.perf_counter()
+            since_audio = None if response.first_audio_at is None else (now - response.first_audio_at) * 1000
+            audible = response.audible()
+            verdict = barge_in.decide(cfg, (now - t0) * 1000 + already_ms, since_audio if audible else None,
+                                      self._near_rms(), response.far_rms if audible else 0.0)
+            if verdict == "interrupt":
+                self._unconfirmed = None
+                self._speech_confirmed(item_id, event)
+                td = self.settings.turn_detection
+                if audible and td is not None and td.interrupt_response:
+                    self.log.info("barge-in: user speech interrupts %s", response.id)
+                    played = response.playback.played_ms()
+                    finished = response.done
+                    await response.stop("turn_detected")
+                    self.emit(ev.OutputAudioBufferCleared(response_id=response.id))
+                    if finished:  # generation was over but playback was not: cut the item to what was heard
+                        item = response.item
+                        item.text, item.audio_ms, item.status = item.heard_text(played), played, "incomplete"
+                        self.emit(ev.ItemTruncated(item_id=item.id, content_index=0, audio_end_ms=int(played)))
+                return
+            await asyncio.sleep(0.04)
+
+    def _near_rms(self) -> float:
+        """Level of the user's last ~0.5 s of input (the near end)."""
+        energy = sum(e for e, _ in self._near)
+        count = sum(n for _, n in self._near)
+        return float(np.sqrt(energy / count)) if count else 0.0
+
+    def _drop_speculation(self) -> None:
+        self._speculative = None
+        if self._prefetch is not None:
+            self._prefetch.cancel()
+            self._prefetch = None
+
+    async def _prefetch_when_transcribed(self, fut: asyncio.Future[str]) -> None:
+        text = await fut
+        if self._speculative is fut:  # else the user spoke again, or the turn already took the normal path
+            self._prefetch_on(text)
+
+    async def _listen(self, item_id: str) -> None:
+        """Partial transcripts while the user speaks; with think_while_listening, brains start on them."""
+        interval = self.settings.partial_transcripts_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            if self._pending_item != item_id:
+                return
+            audio = await self.rt.run_in(self.rt.vad_pool, self.segmenter.current_turn_audio)
+            if len(audio) < VAD_RATE // 2:
+                continue
+            text = await self.rt.transcribe(audio)
+            if self._pending_item != item_id:
+                return
+            if text.strip():
+                self.emit(ev.PartialTranscript(item_id=item_id, transcript=text))
+                if self.settings.think_while_listening:
+                    self._prefetch_on(text)
+
+    def _prefetch_on(self, text: str) -> None:
+        """(Re)start the brains on a speculative transcript; an unchanged transcript keeps them running.
+        A restart is cheap: the engine reuses the cached prefix (system prompt, history, shared words)."""
+        td = self.settings.turn_detection
+        if td is None or not td.create_response or not self.rt.config.mind.prefetch_reply or not text.strip():
+            return
+        messages = [*self.history.messages(), ChatMessage("user", text)]
+        if self._prefetch is not None:
+            if self._prefetch.matches(text, messages):
+                return
+            self._prefetch.cancel()
+        options = ResponseOptions.parse({}, self.settings)
+        playback = PlaybackClock()
+        pacer = self.new_pacer(options, playback, self.rt.config.llm)
+        conversation = self.conversation_ids(messages, options, pacer.thinking)
+        self._prefetch = Prefetch(pacer, playback, text, messages, conversation)
+
+    def transcribed(self, item: Item) -> None:
+        # Whisper transcribes a whole turn at once: one delta with all of it, then completed.
+        if item.text:
+            self.emit(ev.TranscriptionDelta(item_id=item.id, delta=item.text))
+        self.emit(ev.TranscriptionCompleted(item_id=item.id, transcript=item.text))
+
+    def rate_limits(self) -> ev.RateLimitsUpdated:
+        """Capacity as it really is: session slots of this server and KV-cache slots of the shared engine."""
+        cfg = self.rt.config
+        live = self.rt.engine.live_sequences()
+        return ev.RateLimitsUpdated(rate_limits=[
+            ev.RateLimit(name="sessions", limit=cfg.server.max_sessions,
+                         remaining=max(0, cfg.server.max_sessions - len(self.rt.sessions)), reset_seconds=0.0),
+            ev.RateLimit(name="kv_slots", limit=cfg.llm.max_slots, remaining=max(0, cfg.llm.max_slots - live),
+                         reset_seconds=0.0)])
+
+    # ---- brains -------------------------------------------------------------------------------
+    def new_pacer(self, options: ResponseOptions, playback: PlaybackClock, llm: LlmConfig) -> MindPacer:
+        return MindPacer(self.rt.engine, self.rt.prompts, self.rt.config.mind, llm, options.pacing, self.id,
+                         audio_ahead_ms=playback.ahead_ms, tool_prefix=options.tool_prefix)
+
+    def conversation_ids(self, messages: list[ChatMessage], options: ResponseOptions, thinking: bool) -> list[int]:
+        """The prompt, dropping the oldest messages until the turn fits the model's cache."""
+        cfg = self.rt.config
+        reserve = cfg.llm.max_reply_tokens + (cfg.mind.max_thought_tokens if thinking else 0) + 16
+        while True:
+            ids = self.rt.prompts.conversation(messages, options.instructions, thinking, options.offered_tools)
+            if len(ids) + reserve <= cfg.llm.max_seq_len or len(messages) <= 1:
+                return ids[-(cfg.llm.max_seq_len - reserve):]
+            messages = messages[1:]
+
+    def _commit_turn(self, item_id: str, audio: np.ndarray, transcript: asyncio.Future[str] | None,
+                     prefetch: Prefetch | None = None, speech_end_ms: int | None = None) -> None:
+        committed_at = time.perf_counter()
+        item = Item(id=item_id, role="user", audio=True, status="in_progress")
+        previous = self.history.add(item)
+        self.emit(ev.Committed(previous_item_id=previous, item_id=item_id))
+        self.emit(ev.ItemCreated(previous_item_id=previous, item=item.to_protocol(self.settings.beta)))
+        self._spawn(self._transcribe_turn(item, audio, transcript, prefetch, committed_at, speech_end_ms), "turn")
+
+    async def _transcribe_turn(self, item: Item, audio: np.ndarray, speculative: asyncio.Future[str] | None,
+                               prefetch: Prefetch | None, committed_at: float, speech_end_ms: int | None) -> None:
+        history_before = self.history.messages()
+        text = await (speculative if speculative is not None else self.rt.transcribe(audio))
+        item.text, item.status = text, "completed"
+        transcribed_at = time.perf_counter()
+        self.transcribed(item)
+        self.log.info("user said %r (%.0f ms after commit)", text, (transcribed_at - committed_at) * 1000)
+        td = self.settings.turn_detection
+        if td is not None and td.create_response and text.strip():
+            options = ResponseOptions.parse({}, self.settings)
+            options = dataclasses.replace(options, turn_committed_at=committed_at,
+                                          transcribed_at=transcribed_at, speech_end_ms=speech_end_ms)
+            expected = [*history_before, ChatMessage("user", text)]
+            if prefetch is not None and not prefetch.matches(text, expected):
+                prefetch.cancel()
+                prefetch = None
+            self.start_response(options, prefetch)
+        elif prefetch is not None:
+            prefetch.cancel()
+
+    # ---- responses ----------------------------------------------------------------------------
+    def start_response(self, options: ResponseOptions, prefetch: Prefetch | None = None) -> None:
+        if self.response is not None and not self.response.done:
+            if options.turn_committed_at is None:
+                raise SessionError("a response is already in progress", code="conversation_already_has_active_response")
+            self.response.cancel("turn_detected")
+        self.response = Response(self, options, prefetch)
+        self._spawn(self.response.run(), "response")
+

@@ -1,0 +1,198 @@
+"""A session's effective configuration: what `session.update` changes and `session.updated` reports.
+
+Clients speak either the beta shape (`input_audio_format: "pcm16"`, `modalities`, top-level
+`turn_detection`) or the GA shape (`type: "realtime"`, `output_modalities`, `audio.input.format`,
+`audio.input.turn_detection`). We accept both and answer in the shape the client used. Duet's own
+options live under the `duet` key, which standard clients never send.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from common.audio import AudioFormat, format_to_beta, format_to_ga, parse_audio_format
+from common.config import PACING_MODES, DuetConfig, PacingMode
+from common.errors import SessionError
+
+PCM16 = AudioFormat("pcm16", 24000)
+BETA_ONLY_KEYS = ("input_audio_format", "output_audio_format", "modalities", "input_audio_transcription",
+                  "turn_detection", "max_response_output_tokens")
+
+
+@dataclass(frozen=True)
+class TurnDetection:
+    type: str = "server_vad"
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 300
+    create_response: bool = True
+    interrupt_response: bool = True
+
+    def to_protocol(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SessionSettings:
+    model: str = "duet"
+    instructions: str | None = None
+    voice: str = "joe"
+    modalities: list[str] = field(default_factory=lambda: ["audio", "text"])
+    input_format: AudioFormat = PCM16
+    output_format: AudioFormat = PCM16
+    turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
+    transcription_model: str = "whisper-1"
+    temperature: float = 0.8
+    max_output_tokens: int | str = "inf"
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: str = "auto"
+    pacing: PacingMode = "speak-first"
+    # Partial transcripts while the user speaks (0 = off), and brains started on them (think while listening).
+    partial_transcripts_ms: int = 0
+    think_while_listening: bool = False
+    beta: bool = False  # answer with the beta shape and event names
+    updated: bool = False  # has the client sent session.update yet
+
+    @classmethod
+    def from_config(cls, cfg: DuetConfig, beta: bool = False) -> SessionSettings:
+        v = cfg.vad
+        return cls(pacing=cfg.mind.mode, beta=beta, partial_transcripts_ms=cfg.asr.partial_interval_ms,
+                   think_while_listening=cfg.mind.think_while_listening, turn_detection=TurnDetection(
+            threshold=v.threshold, prefix_padding_ms=v.prefix_padding_ms, silence_duration_ms=v.silence_duration_ms))
+
+    @property
+    def audio_out(self) -> bool:
+        return "audio" in self.modalities
+
+    # ---- applying an update -------------------------------------------------------------------
+    def apply(self, update: dict[str, Any], event_id: str | None = None) -> None:
+        """Validate everything first, then change: a bad update leaves the session as it was."""
+        staged = dataclasses.replace(self, modalities=list(self.modalities), tools=list(self.tools))
+        try:
+            staged._apply(update)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise SessionError(f"invalid session.update: {exc}", code="invalid_value", param="session",
+                               event_id=event_id) from None
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, getattr(staged, f.name))
+        self.updated = True
+
+    def _apply(self, u: dict[str, Any]) -> None:
+        # The shape of the update tells which protocol version the client speaks.
+        if u.get("type") == "realtime" or "audio" in u or "output_modalities" in u:
+            self.beta = False
+        elif any(k in u for k in BETA_ONLY_KEYS):
+            self.beta = True
+        for key in ("model", "voice"):
+            if key in u:
+                setattr(self, key, str(u[key]))
+        if "instructions" in u:
+            self.instructions = None if u["instructions"] is None else str(u["instructions"])
+        for key in ("modalities", "output_modalities"):
+            if key in u:
+                mods = [str(m) for m in u[key]]
+                if not mods or any(m not in ("audio", "text") for m in mods):
+                    raise ValueError(f"{key} must be a non-empty list of 'audio' and 'text'")
+                self.modalities = mods
+        if "input_audio_format" in u:
+            self.input_format = parse_audio_format(u["input_audio_format"])
+        if "output_audio_format" in u:
+            self.output_format = parse_audio_format(u["output_audio_format"])
+        if "turn_detection" in u:
+            self.turn_detection = self._turn_detection(u["turn_detection"])
+        if "input_audio_transcription" in u and isinstance(u["input_audio_transcription"], dict):
+            self.transcription_model = str(u["input_audio_transcription"].get("model", self.transcription_model))
+        audio = u.get("audio") or {}
+        if not isinstance(audio, dict):
+            raise TypeError("audio must be an object")
+        inp, out = audio.get("input") or {}, audio.get("output") or {}
+        if "format" in inp:
+            self.input_format = parse_audio_format(inp["format"])
+        if "turn_detection" in inp:
+            self.turn_detection = self._turn_detection(inp["turn_detection"])
+        if isinstance(inp.get("transcription"), dict):
+            self.transcription_model = str(inp["transcription"].get("model", self.transcription_model))
+        if "format" in out:
+            self.output_format = parse_audio_format(out["format"])
+        if "voice" in out:
+            self.voice = str(out["voice"])
+        if "temperature" in u:
+            self.temperature = float(u["temperature"])
+        for key in ("max_response_output_tokens", "max_output_tokens"):
+            if key in u:
+                value = u[key]
+                if value != "inf" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                    raise ValueError(f"{key} must be a positive integer or 'inf'")
+                self.max_output_tokens = value
+        if "tools" in u:
+            tools = u["tools"]
+            if not isinstance(tools, list) or any(not isinstance(t, dict) or not t.get("name") for t in tools):
+                raise TypeError("tools must be a list of function objects with a name")
+            self.tools = list(tools)
+        if "tool_choice" in u:
+            choice = u["tool_choice"]
+            if isinstance(choice, dict):
+                choice = (choice.get("function") or {}).get("name") or choice.get("name")
+            allowed = ("auto", "none", "required", *(t["name"] for t in self.tools))
+            if not isinstance(choice, str) or choice not in allowed:
+                raise ValueError("tool_choice must be auto, none, required or the name of a session tool")
+            self.tool_choice = choice
+        duet = u.get("duet") or {}
+        if "pacing" in duet:
+            if duet["pacing"] not in PACING_MODES:
+                raise ValueError(f"duet.pacing must be one of {PACING_MODES}")
+            self.pacing = duet["pacing"]
+        if "partial_transcripts_ms" in duet:
+            value = duet["partial_transcripts_ms"]
+            if not isinstance(value, int) or isinstance(value, bool) or not (value == 0 or 200 <= value <= 10000):
+                raise ValueError("duet.partial_transcripts_ms must be 0 (off) or 200..10000")
+            self.partial_transcripts_ms = value
+        if "think_while_listening" in duet:
+            if not isinstance(duet["think_while_listening"], bool):
+                raise ValueError("duet.think_while_listening must be true or false")
+            self.think_while_listening = duet["think_while_listening"]
+
+    def _turn_detection(self, value: Any) -> TurnDetection | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise TypeError("turn_detection must be an object or null")
+        kind = value.get("type", "server_vad")
+        if kind not in ("server_vad", "semantic_vad"):
+            raise ValueError(f"turn_detection.type {kind!r} is not supported")
+        base = self.turn_detection or TurnDetection()
+        threshold = float(value.get("threshold", base.threshold))
+        if not 0.0 < threshold < 1.0:
+            raise ValueError("turn_detection.threshold must be between 0 and 1")
+        padding = int(value.get("prefix_padding_ms", base.prefix_padding_ms))
+        silence = int(value.get("silence_duration_ms", base.silence_duration_ms))
+        if padding < 0 or silence < 0:
+            raise ValueError("turn_detection prefix_padding_ms and silence_duration_ms must not be negative")
+        # semantic_vad has no timing knobs; we run it as server_vad with the session's timings.
+        return TurnDetection(
+            type=kind, threshold=threshold, prefix_padding_ms=padding, silence_duration_ms=silence,
+            create_response=bool(value.get("create_response", base.create_response)),
+            interrupt_response=bool(value.get("interrupt_response", base.interrupt_response)),
+        )
+
+    # ---- reporting ----------------------------------------------------------------------------
+    def to_protocol(self, session_id: str) -> dict[str, Any]:
+        td = self.turn_detection.to_protocol() if self.turn_detection else None
+        common = {"id": session_id, "object": "realtime.core.session", "model": self.model,
+                  "instructions": self.instructions or "", "tools": self.tools, "tool_choice": self.tool_choice,
+                  "duet": {"pacing": self.pacing, "partial_transcripts_ms": self.partial_transcripts_ms,
+                           "think_while_listening": self.think_while_listening}}
+        if self.beta:
+            return {**common, "modalities": self.modalities, "voice": self.voice,
+                    "input_audio_format": format_to_beta(self.input_format),
+                    "output_audio_format": format_to_beta(self.output_format),
+                    "input_audio_transcription": {"model": self.transcription_model},
+                    "turn_detection": td, "temperature": self.temperature,
+                    "max_response_output_tokens": self.max_output_tokens}
+        return {**common, "type": "realtime", "output_modalities": self.modalities,
+                "audio": {"input": {"format": format_to_ga(self.input_format), "turn_detection": td,
+                                    "transcription": {"model": self.transcription_model}},
+                          "output": {"format": format_to_ga(self.output_format), "voice": self.voice}},
+                "max_output_tokens": self.max_output_tokens}

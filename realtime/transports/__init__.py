@@ -1,0 +1,1 @@
+"""Transports: adapters between a wire format and the session core (WebSocket/OpenAI Realtime, telephony)."""
