@@ -1,7 +1,8 @@
 """Mind-paced scheduling: which sequences run in the next engine step. Pure: no tensors, no clocks.
 
 Like vLLM's `schedule()`, it sees a snapshot of every live sequence and returns a plan; the engine
-executes it. The policy (ARCHITECTURE.md, MPS):
+executes it. The policy (Mind-Paced Speaking, docs/architecture.md), `rank`, which the vLLM engine
+(brains/backends/vllm_engine.py) also schedules by:
 
 1. Articulation (AB) sequences whose queued audio ahead of playback is under `urgent_audio_ms` go first,
    the one closest to running dry first: a late AB token is an audible gap.
@@ -52,13 +53,20 @@ class StepPlan:
         return not self.decode and not self.prefill
 
 
+def rank(brain: Brain, audio_ahead_ms: float, urgent_audio_ms: float) -> tuple[int, float]:
+    """The mind-paced policy as (tier, audio key), lower runs first: 0 = urgent AB (closest to running dry
+    first), 1 = FB (its audio field means nothing), 2 = AB with plenty of audio queued. The one rule both
+    engines schedule by: `priority` below for the torch engine, `request_priority` for vLLM."""
+    if brain == "ab" and audio_ahead_ms < urgent_audio_ms:
+        return (0, audio_ahead_ms)
+    if brain == "fb":
+        return (1, 0.0)
+    return (2, audio_ahead_ms)
+
+
 def priority(view: SeqView, cfg: SchedulerConfig) -> tuple[int, float, int, int]:
-    """Sort key: lower runs first."""
-    if view.brain == "ab" and view.audio_ahead_ms < cfg.urgent_audio_ms:
-        return (0, view.audio_ahead_ms, view.last_step, view.arrival)
-    if view.brain == "fb":
-        return (1, 0.0, view.last_step, view.arrival)
-    return (2, view.audio_ahead_ms, view.last_step, view.arrival)
+    """Sort key: lower runs first. `rank`, then least recently served, then admission order."""
+    return (*rank(view.brain, view.audio_ahead_ms, cfg.urgent_audio_ms), view.last_step, view.arrival)
 
 
 def schedule(views: Sequence[SeqView], cfg: SchedulerConfig) -> StepPlan:

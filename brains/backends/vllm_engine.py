@@ -7,7 +7,7 @@ with the torch engine, and vLLM's output processing never runs on the sessions' 
 What vLLM does for the mind-paced design:
 - automatic prefix caching: the AB prompt of segment n starts with the FB's whole thought prefix, whose KV
   blocks vLLM finds by hash and reuses (`num_cached_tokens`, counted in `stats.prefill_tokens_saved`);
-- priority scheduling: `request_priority` maps the mind-paced policy (brains/scheduler.py) onto vLLM's
+- priority scheduling: `request_priority` maps the mind-paced policy (`brains.scheduler.rank`) onto vLLM's
   integer priority (lower runs first): AB segments of sessions close to running out of audio first, then
   FB thought, then AB segments with plenty of audio queued. vLLM reads a priority once, at submission,
   where the torch engine re-reads the audio clock every step: a new AB segment is a new request, so the
@@ -23,12 +23,14 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from brains.engine import EngineStats, Finished, GenerationRequest, TokenStream
+from brains.scheduler import rank
 from common.config import LlmConfig
 from common.errors import EngineError
 
@@ -39,14 +41,14 @@ _VLLM_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 
 def request_priority(req: GenerationRequest, urgent_audio_ms: float) -> int:
-    """vLLM priority (lower runs first) of a request, by the mind-paced policy of brains/scheduler.py:
-    urgent AB (audio ahead under `urgent_audio_ms`, closest to running dry first) < FB < other AB."""
-    urgent = max(1, int(urgent_audio_ms))
-    if req.brain == "fb":
-        return urgent
+    """vLLM priority (lower runs first) of a request: `brains.scheduler.rank`, the torch engine's policy,
+    packed into one integer: urgent AB in [0, U), FB = U, other AB above U, with U = ceil(urgent_audio_ms)
+    (at least 1) so an urgent AB stays strictly below FB even for a fractional threshold."""
     ahead = req.audio_ahead_ms() if req.audio_ahead_ms is not None else 0.0
-    ahead_ms = int(min(ahead, 1e9)) if ahead > 0 else 0  # NaN and negatives count as none queued
-    return ahead_ms if ahead_ms < urgent else urgent + 1 + ahead_ms
+    ahead = min(ahead, 1e9) if ahead > 0 else 0.0  # NaN and negatives count as none queued; inf stays an int
+    tier, key = rank(req.brain, ahead, urgent_audio_ms)
+    urgent = max(1, math.ceil(urgent_audio_ms))
+    return (int(key), urgent, urgent + 1 + int(key))[tier]
 
 
 def engine_args(cfg: LlmConfig) -> dict[str, Any]:

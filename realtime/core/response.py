@@ -291,7 +291,7 @@ class Response:
 
     def _protocol(self, output: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
         details = {"type": self.status, "reason": self.status_reason} if self.status_reason else None
-        return {"id": self.id, "object": "realtime.core.response", "status": self.status, "status_details": details,
+        return {"id": self.id, "object": "realtime.response", "status": self.status, "status_details": details,
                 "output": output, "usage": usage, "modalities" if self.beta else "output_modalities":
                 list(self.options.modalities), "conversation_id": self.session.id}
 

@@ -180,7 +180,7 @@ class SessionSettings:
     # ---- reporting ----------------------------------------------------------------------------
     def to_protocol(self, session_id: str) -> dict[str, Any]:
         td = self.turn_detection.to_protocol() if self.turn_detection else None
-        common = {"id": session_id, "object": "realtime.core.session", "model": self.model,
+        common = {"id": session_id, "object": "realtime.session", "model": self.model,
                   "instructions": self.instructions or "", "tools": self.tools, "tool_choice": self.tool_choice,
                   "duet": {"pacing": self.pacing, "partial_transcripts_ms": self.partial_transcripts_ms,
                            "think_while_listening": self.think_while_listening}}

@@ -26,7 +26,7 @@ def snapshot(s: SessionSettings) -> dict[str, Any]:
 def test_defaults_report_ga_shape() -> None:
     s = SessionSettings()
     out = s.to_protocol(SID)
-    assert out["id"] == SID and out["object"] == "realtime.core.session"
+    assert out["id"] == SID and out["object"] == "realtime.session"
     assert out["type"] == "realtime"
     assert out["output_modalities"] == ["audio", "text"]
     assert out["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
