@@ -43,6 +43,10 @@ class Item:
                 words += chunk[: int(len(chunk) * (played_ms - start) / max(end - start, 1e-6))]
         return " ".join(words)
 
+    def cut_to(self, heard_ms: float) -> None:
+        """Keep only what the user heard of this reply: its words up to `heard_ms` of audio."""
+        self.text, self.audio_ms, self.status = self.heard_text(heard_ms), heard_ms, "incomplete"
+
     def to_protocol(self, beta: bool) -> dict[str, Any]:
         if self.type == "function_call":
             return {"id": self.id, "object": "realtime.item", "type": "function_call", "status": self.status,
@@ -50,7 +54,7 @@ class Item:
         if self.type == "function_call_output":
             return {"id": self.id, "object": "realtime.item", "type": "function_call_output",
                     "call_id": self.call_id, "output": self.text}
-        if self.role == "user":
+        if self.role in ("user", "system"):  # the client's words: system messages take input_text too
             part = {"type": "input_audio", "transcript": self.text or None} if self.audio else \
                 {"type": "input_text", "text": self.text}
         elif self.audio:
@@ -89,9 +93,6 @@ class Conversation:
 
     def delete(self, item_id: str) -> None:
         del self.items[self.index(item_id)]
-
-    def last_id(self) -> str | None:
-        return self.items[-1].id if self.items else None
 
     def messages(self) -> list[ChatMessage]:
         out = []

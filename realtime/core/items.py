@@ -1,8 +1,8 @@
 """The session's conversation-item events: create, truncate, delete, retrieve, and the output buffer.
 
-A mixin of `Session` (realtime/core/session.py), kept apart so each module stays small. Truncation is how a
-client that stopped playback tells the server what the user heard: the assistant's text is cut to the
-words played by `audio_end_ms`, so the next answer never refers to words the user never heard.
+Truncation is how a client that stopped playback tells the server what the user heard: the assistant's
+text is cut to the words played by `audio_end_ms`, so the next answer never refers to words the user never
+heard. The cut itself is the session's one interrupt path (`SessionContext.interrupt`).
 """
 
 from __future__ import annotations
@@ -17,39 +17,42 @@ from common.errors import SessionError
 from realtime.core import events as ev
 
 if TYPE_CHECKING:
-    from realtime.core.session import Session
-
-VAD_RATE = 16000
+    from realtime.core.context import SessionContext
 
 
-class ItemEvents:
-    async def _on_ConversationItemCreate(self: Session, e: ev.ConversationItemCreate) -> None:
-        item, audio = _item_from_protocol(e.item, e.event_id, self)
-        if item.type == "function_call_output" and self.history.find_call(item.call_id) is None:
+class ItemHandlers:
+    """Handlers for the item and output-buffer client events, acting on one session."""
+
+    def __init__(self, session: SessionContext) -> None:
+        self.s = session
+
+    async def _on_ConversationItemCreate(self, e: ev.ConversationItemCreate) -> None:
+        item, audio = _item_from_protocol(e.item, e.event_id, self.s)
+        if item.type == "function_call_output" and self.s.history.find_call(item.call_id) is None:
             raise SessionError(f"no function_call with call_id {item.call_id!r} in the conversation",
                                code="invalid_value", param="item.call_id", event_id=e.event_id)
         try:
-            previous = self.history.add(item, e.previous_item_id)
+            previous = self.s.history.add(item, e.previous_item_id)
         except KeyError:
             raise SessionError(f"previous_item_id {e.previous_item_id} does not exist", code="item_not_found",
                                param="previous_item_id", event_id=e.event_id) from None
-        self.emit(ev.ItemCreated(previous_item_id=previous, item=item.to_protocol(self.settings.beta)))
+        self.s.emit(ev.ItemCreated(previous_item_id=previous, item=item.to_protocol(self.s.settings.beta)))
         if audio is not None:
-            self._spawn(self._transcribe_item(item, audio), "item-transcribe")
+            self.s.spawn(self._transcribe_item(item, audio), "item-transcribe")
 
-    async def _transcribe_item(self: Session, item: Item, audio: np.ndarray) -> None:
-        item.text = await self.rt.transcribe(audio)
+    async def _transcribe_item(self, item: Item, audio: np.ndarray) -> None:
+        item.text = await self.s.rt.transcribe(audio)
         item.status = "completed"
-        self.transcribed(item)
+        self.s.transcribed(item)
 
-    def _item(self: Session, item_id: str, event_id: str | None) -> Item:
+    def _item(self, item_id: str, event_id: str | None) -> Item:
         try:
-            return self.history.get(item_id)
+            return self.s.history.get(item_id)
         except KeyError:
             raise SessionError(f"item {item_id} does not exist", code="item_not_found", param="item_id",
                                event_id=event_id) from None
 
-    async def _on_ConversationItemTruncate(self: Session, e: ev.ConversationItemTruncate) -> None:
+    async def _on_ConversationItemTruncate(self, e: ev.ConversationItemTruncate) -> None:
         item = self._item(e.item_id, e.event_id)
         if item.role != "assistant" or not item.audio or item.type != "message":
             raise SessionError("only an assistant message with audio can be truncated", code="invalid_value",
@@ -57,37 +60,28 @@ class ItemEvents:
         if e.content_index != 0:
             raise SessionError("content_index must be 0", code="invalid_value", param="content_index",
                                event_id=e.event_id)
-        if self.response is not None and self.response.item is item and not self.response.done:
-            # The client stopped playing this reply: stop producing it, then apply the client's cut.
-            await self.response.stop("client_truncated")
         sent_ms = item.spoken[-1][1] if item.spoken else 0.0
         if e.audio_end_ms < 0 or e.audio_end_ms > sent_ms + 1:
             raise SessionError(f"audio_end_ms {e.audio_end_ms} is outside the item's {sent_ms:.0f} ms of audio",
                                code="invalid_value", param="audio_end_ms", event_id=e.event_id)
-        item.text = item.heard_text(e.audio_end_ms)
-        item.audio_ms = e.audio_end_ms
-        item.status = "incomplete"
-        self.emit(ev.ItemTruncated(item_id=item.id, content_index=0, audio_end_ms=e.audio_end_ms))
-        self.log.info("truncated %s to %d ms: %r", item.id, e.audio_end_ms, item.text)
+        # The client stopped playing this reply: stop producing it, and keep what the client says was heard.
+        await self.s.interrupt("client_truncated", item=item, heard_ms=e.audio_end_ms)
 
-    async def _on_ConversationItemDelete(self: Session, e: ev.ConversationItemDelete) -> None:
+    async def _on_ConversationItemDelete(self, e: ev.ConversationItemDelete) -> None:
         item = self._item(e.item_id, e.event_id)
-        if self.response is not None and self.response.item is item and not self.response.done:
-            await self.response.stop("item_deleted")
-        self.history.delete(item.id)
-        self.emit(ev.ItemDeleted(item_id=item.id))
+        await self.s.stop_reply(item, "item_deleted")
+        self.s.history.delete(item.id)
+        self.s.emit(ev.ItemDeleted(item_id=item.id))
 
-    async def _on_ConversationItemRetrieve(self: Session, e: ev.ConversationItemRetrieve) -> None:
-        self.emit(ev.ItemRetrieved(item=self._item(e.item_id, e.event_id).to_protocol(self.settings.beta)))
+    async def _on_ConversationItemRetrieve(self, e: ev.ConversationItemRetrieve) -> None:
+        self.s.emit(ev.ItemRetrieved(item=self._item(e.item_id, e.event_id).to_protocol(self.s.settings.beta)))
 
-    async def _on_OutputAudioBufferClear(self: Session, e: ev.OutputAudioBufferClear) -> None:
-        response_id = self.response.id if self.response is not None else None
-        if self.response is not None and not self.response.done:
-            await self.response.stop("client_cleared")
-        self.emit(ev.OutputAudioBufferCleared(response_id=response_id))
+    async def _on_OutputAudioBufferClear(self, e: ev.OutputAudioBufferClear) -> None:
+        await self.s.interrupt("client_cleared", clear=True)
 
 
-def _item_from_protocol(raw: dict[str, Any], event_id: str | None, session: Session) -> tuple[Item, np.ndarray | None]:
+def _item_from_protocol(raw: dict[str, Any], event_id: str | None,
+                        session: SessionContext) -> tuple[Item, np.ndarray | None]:
     """A client item -> our Item, plus 16 kHz audio to transcribe for `input_audio` content."""
     def bad(msg: str, param: str) -> SessionError:
         return SessionError(msg, code="invalid_value", param=f"item.{param}", event_id=event_id)
@@ -114,12 +108,13 @@ def _item_from_protocol(raw: dict[str, Any], event_id: str | None, session: Sess
             fmt = session.settings.input_format
             if fmt.encoding == "pcm16" and len(data) % 2:
                 raise bad("pcm16 audio must be a whole number of samples", "content.audio")
-            audio = audio_codec.resample(audio_codec.decode(data, fmt), fmt.sample_rate, VAD_RATE)
+            audio = audio_codec.resample(audio_codec.decode(data, fmt), fmt.sample_rate, audio_codec.SPEECH_RATE)
         value = part.get("text") if part.get("text") is not None else part.get("transcript")
         if isinstance(value, str):
             texts.append(value)
     item = Item(id=item_id, role=role, text=" ".join(texts), audio=audio is not None,
-                status="in_progress" if audio is not None and not texts else "completed")
+                status="in_progress" if audio is not None and not texts else "completed",
+                audio_ms=0.0 if audio is None else len(audio) * 1000 / audio_codec.SPEECH_RATE)
     return item, audio if not texts else None
 
 

@@ -12,7 +12,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,85 +20,23 @@ from brains.history import Item
 from brains.pacer import MindPacer, PacerDone, ReplyDelta, ThoughtDelta, ToolCall
 from brains.tools import parse_tool_call
 from common import audio as audio_codec
-from common.config import PACING_MODES, PacingMode
 from common.errors import DuetError, SessionError
 from common.playback import PlaybackClock
 from realtime.core import events as ev
 from tts.chunker import SentenceChunker
 
 if TYPE_CHECKING:
+    from realtime.core.context import SessionContext
+    from realtime.core.options import ResponseOptions
     from realtime.core.prefetch import Prefetch
-    from realtime.core.session import Session
-    from realtime.core.settings import SessionSettings
 
 log = logging.getLogger(__name__)
 
 AUDIO_DELTA_MS = 200  # audio delta size: small enough to start playback early, large enough to be cheap
 
 
-@dataclass(frozen=True)
-class ResponseOptions:
-    instructions: str | None
-    modalities: tuple[str, ...]
-    pacing: PacingMode
-    max_output_tokens: int | None
-    conversation: str = "auto"  # "none": out-of-band, not added to the history
-    tools: tuple[dict[str, Any], ...] = ()
-    tool_choice: str = "auto"  # auto | none | required | the name of one function
-    turn_committed_at: float | None = None
-    transcribed_at: float | None = None
-    speech_end_ms: int | None = None
-
-    @classmethod
-    def parse(cls, raw: dict[str, Any], settings: SessionSettings, event_id: str | None = None) -> ResponseOptions:
-        def bad(msg: str, param: str) -> SessionError:
-            return SessionError(msg, code="invalid_value", param=f"response.{param}", event_id=event_id)
-
-        mods = raw.get("output_modalities", raw.get("modalities", settings.modalities))
-        if not isinstance(mods, list) or not mods or any(m not in ("audio", "text") for m in mods):
-            raise bad("modalities must be a non-empty list of 'audio' and 'text'", "modalities")
-        pacing = (raw.get("duet") or {}).get("pacing", settings.pacing)
-        if pacing not in PACING_MODES:
-            raise bad(f"duet.pacing must be one of {PACING_MODES}", "duet.pacing")
-        limit = raw.get("max_output_tokens", raw.get("max_response_output_tokens", settings.max_output_tokens))
-        if limit != "inf" and (not isinstance(limit, int) or limit < 1):
-            raise bad("max_output_tokens must be a positive integer or 'inf'", "max_output_tokens")
-        instructions = raw.get("instructions", settings.instructions)
-        if instructions is not None and not isinstance(instructions, str):
-            raise bad("instructions must be a string", "instructions")
-        conversation = raw.get("conversation", "auto")
-        tools = raw.get("tools", settings.tools)
-        if not isinstance(tools, list) or any(not isinstance(t, dict) or not t.get("name") for t in tools):
-            raise bad("tools must be a list of function objects with a name", "tools")
-        choice = raw.get("tool_choice", settings.tool_choice)
-        if isinstance(choice, dict):
-            choice = (choice.get("function") or {}).get("name") or choice.get("name")
-        names = [t["name"] for t in tools]
-        if choice not in ("auto", "none", "required", *names):
-            raise bad(f"tool_choice must be auto, none, required or one of the tools {names}", "tool_choice")
-        return cls(instructions=instructions, modalities=tuple(mods), pacing=pacing,
-                   max_output_tokens=None if limit == "inf" else limit,
-                   conversation="none" if conversation == "none" else "auto", tools=tuple(tools),
-                   tool_choice=choice)
-
-    @property
-    def offered_tools(self) -> list[dict[str, Any]]:
-        return list(self.tools) if self.tool_choice != "none" else []
-
-    @property
-    def tool_prefix(self) -> str | None:
-        """How the AB's reply starts: None = no tools; a forced choice pre-writes the start of the call."""
-        if not self.offered_tools:
-            return None
-        if self.tool_choice == "required":
-            return '<tool_call>\n{"name": "'
-        if self.tool_choice != "auto":
-            return f'<tool_call>\n{{"name": "{self.tool_choice}", "arguments": '
-        return ""
-
-
 class Response:
-    def __init__(self, session: Session, options: ResponseOptions, prefetch: Prefetch | None = None) -> None:
+    def __init__(self, session: SessionContext, options: ResponseOptions, prefetch: Prefetch | None = None) -> None:
         self.session = session
         self.options = options
         self.prefetch = prefetch
@@ -253,9 +190,11 @@ class Response:
 
     # ---- finishing ----------------------------------------------------------------------------
     def _part(self) -> dict[str, Any]:
+        # `audio` / `text` in both dialects: the GA schema of content_part events has only these (GA items
+        # name their content `output_audio` / `output_text`, content_part events do not).
         if self.item.audio:
-            return {"type": "audio" if self.beta else "output_audio", "transcript": self.item.text}
-        return {"type": "text" if self.beta else "output_text", "text": self.item.text}
+            return {"type": "audio", "transcript": self.item.text}
+        return {"type": "text", "text": self.item.text}
 
 
     def _finish(self) -> None:
@@ -263,7 +202,7 @@ class Response:
         self.done = True
         if self.status == "cancelled" and self.item.audio:
             # Barge-in or cancel: keep only what the server's playback clock says the user heard.
-            self.item.text = self.item.heard_text(self.playback.played_ms())
+            self.item.cut_to(self.playback.played_ms())
         self.item.status = "completed" if self.status == "completed" else "incomplete"
         self.item.audio_ms = self.playback.queued_ms
         if not self._output:
@@ -290,7 +229,7 @@ class Response:
         s.log.info("response %s %s: %r %s", self.id, self.status, self.item.text[:80], self.metrics)
 
     def _protocol(self, output: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
-        details = {"type": self.status, "reason": self.status_reason} if self.status_reason else None
+        details = ev.status_details(self.status, self.status_reason)
         return {"id": self.id, "object": "realtime.response", "status": self.status, "status_details": details,
                 "output": output, "usage": usage, "modalities" if self.beta else "output_modalities":
                 list(self.options.modalities), "conversation_id": self.session.id}

@@ -25,9 +25,10 @@ from common.config import LlmConfig, VadConfig
 from common.errors import SessionError
 from common.playback import PlaybackClock
 from realtime.core import events as ev
-from realtime.core.items import ItemEvents
+from realtime.core.items import ItemHandlers
+from realtime.core.options import ResponseOptions
 from realtime.core.prefetch import Prefetch
-from realtime.core.response import Response, ResponseOptions
+from realtime.core.response import Response
 from realtime.core.settings import SessionSettings
 from realtime.runtime import Runtime
 from realtime.speech_in import barge_in
@@ -36,7 +37,6 @@ from realtime.speech_in.vad import SilenceStarted, SpeechResumed, SpeechStarted,
 log = logging.getLogger(__name__)
 
 Emit = Callable[[ev.ServerEvent], None]
-VAD_RATE = 16000
 
 
 class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -44,7 +44,9 @@ class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         return f"[{self.extra['session_id']}] {msg}", kwargs  # type: ignore[index]
 
 
-class Session(ItemEvents):
+class Session:
+    """Implements `realtime.core.context.SessionContext` for its responses and item handlers."""
+
     def __init__(self, runtime: Runtime, session_id: str, emit: Emit, beta: bool = False) -> None:
         self.rt = runtime
         self.id = session_id
@@ -54,7 +56,7 @@ class Session(ItemEvents):
         self.history = Conversation()
         self.segmenter = VadSegmenter(runtime.vad, runtime.config.vad,
                                       max_turn_ms=int(runtime.config.server.max_turn_seconds * 1000))
-        self._resampler = audio_codec.Resampler(self.settings.input_format.sample_rate, VAD_RATE)
+        self._resampler = audio_codec.Resampler(self.settings.input_format.sample_rate, audio_codec.SPEECH_RATE)
         self._odd_byte = b""
         self._audio_in: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._manual_audio: list[np.ndarray] = []  # input buffer when turn_detection is null
@@ -66,6 +68,7 @@ class Session(ItemEvents):
         self.response: Response | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._input_task: asyncio.Task[None] | None = None
+        self.items = ItemHandlers(self)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -81,7 +84,7 @@ class Session(ItemEvents):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=f"{self.id}-{name}")
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -97,7 +100,8 @@ class Session(ItemEvents):
 
     # ---- client events ------------------------------------------------------------------------
     async def handle(self, event: ev.ClientEvent) -> None:
-        handler = getattr(self, "_on_" + type(event).__name__, None)
+        name = "_on_" + type(event).__name__
+        handler = getattr(self, name, None) or getattr(self.items, name, None)
         if handler is None:
             raise SessionError(f"{type(event).__name__} is not supported yet", code="unsupported_event",
                                event_id=event.event_id)
@@ -107,7 +111,7 @@ class Session(ItemEvents):
         before_rate = self.settings.input_format.sample_rate
         self.settings.apply(e.session, e.event_id)
         if self.settings.input_format.sample_rate != before_rate:
-            self._resampler = audio_codec.Resampler(self.settings.input_format.sample_rate, VAD_RATE)
+            self._resampler = audio_codec.Resampler(self.settings.input_format.sample_rate, audio_codec.SPEECH_RATE)
         td = self.settings.turn_detection
         if td is not None:
             self.segmenter.detector.configure(VadConfig(
@@ -136,7 +140,7 @@ class Session(ItemEvents):
         else:
             audio = np.concatenate(self._manual_audio) if self._manual_audio else np.zeros(0, np.float32)
             self._manual_audio.clear()
-        if len(audio) < VAD_RATE // 10:
+        if len(audio) < audio_codec.SPEECH_RATE // 10:
             raise SessionError("buffer too small: commit needs at least 100 ms of audio",
                                code="input_audio_buffer_commit_empty", event_id=e.event_id)
         self._commit_turn(self._pending_item or ev.new_id("item"), audio, None)
@@ -204,7 +208,7 @@ class Session(ItemEvents):
                 # Maybe an interruption, maybe the reply's own echo or a cough: announce it only once the
                 # barge-in guard agrees (clients stop playback on speech_started).
                 self._unconfirmed = item_id
-                self._spawn(self._guard_barge_in(item_id, event, self.response, time.perf_counter()), "barge-in")
+                self.spawn(self._guard_barge_in(item_id, event, self.response, time.perf_counter()), "barge-in")
             else:
                 self._speech_confirmed(item_id, event)
                 td = self.settings.turn_detection
@@ -221,7 +225,7 @@ class Session(ItemEvents):
             # Whisper is idle: behind other sessions' turns a speculative pass gains nothing and costs a slot.
             fut = asyncio.ensure_future(self.rt.transcribe(snapshot))
             self._speculative = fut
-            self._spawn(self._prefetch_when_transcribed(fut), "prefetch")
+            self.spawn(self._prefetch_when_transcribed(fut), "prefetch")
         elif isinstance(event, SpeechResumed):
             self._speculative = None
         elif isinstance(event, SpeechStopped):
@@ -235,7 +239,7 @@ class Session(ItemEvents):
     def _speech_confirmed(self, item_id: str, event: SpeechStarted) -> None:
         self.emit(ev.SpeechStarted(audio_start_ms=event.audio_start_ms, item_id=item_id))
         if self.settings.partial_transcripts_ms > 0:
-            self._spawn(self._listen(item_id), "listen")
+            self.spawn(self._listen(item_id), "listen")
 
     async def _guard_barge_in(self, item_id: str, event: SpeechStarted, response: Response, t0: float) -> None:
         cfg = self.rt.config.barge_in
@@ -252,14 +256,7 @@ class Session(ItemEvents):
                 td = self.settings.turn_detection
                 if audible and td is not None and td.interrupt_response:
                     self.log.info("barge-in: user speech interrupts %s", response.id)
-                    played = response.playback.played_ms()
-                    finished = response.done
-                    await response.stop("turn_detected")
-                    self.emit(ev.OutputAudioBufferCleared(response_id=response.id))
-                    if finished:  # generation was over but playback was not: cut the item to what was heard
-                        item = response.item
-                        item.text, item.audio_ms, item.status = item.heard_text(played), played, "incomplete"
-                        self.emit(ev.ItemTruncated(item_id=item.id, content_index=0, audio_end_ms=int(played)))
+                    await self.interrupt("turn_detected", item=response.item, clear=True)
                 return
             await asyncio.sleep(0.04)
 
@@ -268,6 +265,38 @@ class Session(ItemEvents):
         energy = sum(e for e, _ in self._near)
         count = sum(n for _, n in self._near)
         return float(np.sqrt(energy / count)) if count else 0.0
+
+    async def interrupt(self, reason: str, *, item: Item | None = None, heard_ms: float | None = None,
+                        clear: bool = False) -> None:
+        """The one path that stops a reply the user stopped hearing and cuts it to what was heard.
+
+        Callers: the barge-in guard and `output_audio_buffer.clear` (`clear=True`: tell the client to flush;
+        what was heard is the server's playback clock), and `conversation.item.truncate` (`heard_ms` is the
+        client's; the telephony bridge sends one from the platform's playback marks). `item` defaults to
+        the current reply's. A reply still generating cuts itself to the clock when it is cancelled; one
+        already generated but still playing is cut here, as is any item the client names."""
+        live = self.response
+        if live is not None and item is not None and live.item is not item:
+            live = None  # the client cut an older item: the reply in progress (if any) goes on
+        if live is not None:
+            played, finished = live.playback.played_ms(), live.done
+            item = live.item
+            await live.stop(reason)
+            if clear:
+                self.emit(ev.OutputAudioBufferCleared(response_id=live.id))
+            if heard_ms is None and finished and played < live.playback.queued_ms:
+                heard_ms = played  # generated in full but not all played: cut to the clock
+        elif clear:
+            self.emit(ev.OutputAudioBufferCleared(response_id=self.response.id if self.response else ""))
+        if item is not None and heard_ms is not None and item.audio and item.role == "assistant":
+            item.cut_to(heard_ms)
+            self.emit(ev.ItemTruncated(item_id=item.id, content_index=0, audio_end_ms=int(heard_ms)))
+            self.log.info("truncated %s to %d ms (%s): %r", item.id, heard_ms, reason, item.text)
+
+    async def stop_reply(self, item: Item, reason: str) -> None:
+        """Stop the reply in progress if it is producing `item` (the client deleted it)."""
+        if self.response is not None and self.response.item is item and not self.response.done:
+            await self.response.stop(reason)
 
     def _drop_speculation(self) -> None:
         self._speculative = None
@@ -288,7 +317,7 @@ class Session(ItemEvents):
             if self._pending_item != item_id:
                 return
             audio = await self.rt.run_in(self.rt.vad_pool, self.segmenter.current_turn_audio)
-            if len(audio) < VAD_RATE // 2:
+            if len(audio) < audio_codec.SPEECH_RATE // 2:
                 continue
             text = await self.rt.transcribe(audio)
             if self._pending_item != item_id:
@@ -319,17 +348,26 @@ class Session(ItemEvents):
         # Whisper transcribes a whole turn at once: one delta with all of it, then completed.
         if item.text:
             self.emit(ev.TranscriptionDelta(item_id=item.id, delta=item.text))
-        self.emit(ev.TranscriptionCompleted(item_id=item.id, transcript=item.text))
+        # The schema requires usage: Whisper runs here, so the honest measure is the audio it transcribed.
+        self.emit(ev.TranscriptionCompleted(item_id=item.id, transcript=item.text,
+                                            usage=ev.TranscriptionUsage(seconds=round(item.audio_ms / 1000, 3))))
 
     def rate_limits(self) -> ev.RateLimitsUpdated:
-        """Capacity as it really is: session slots of this server and KV-cache slots of the shared engine."""
+        """Capacity as it really is: session slots of this server and KV-cache slots of the shared engine.
+
+        The protocol names only `requests` and `tokens`. What limits the requests a client can make here is
+        the server's session slots (a new connection past them is refused), so they are `requests`; nothing
+        limits tokens per minute, so there is no `tokens` entry. Both capacities, by Duet's names, go in the
+        event's `duet` field."""
         cfg = self.rt.config
+        sessions = ev.Capacity(limit=cfg.server.max_sessions,
+                               remaining=max(0, cfg.server.max_sessions - len(self.rt.sessions)))
         live = self.rt.engine.live_sequences()
-        return ev.RateLimitsUpdated(rate_limits=[
-            ev.RateLimit(name="sessions", limit=cfg.server.max_sessions,
-                         remaining=max(0, cfg.server.max_sessions - len(self.rt.sessions)), reset_seconds=0.0),
-            ev.RateLimit(name="kv_slots", limit=cfg.llm.max_slots, remaining=max(0, cfg.llm.max_slots - live),
-                         reset_seconds=0.0)])
+        kv_slots = ev.Capacity(limit=cfg.llm.max_slots, remaining=max(0, cfg.llm.max_slots - live))
+        return ev.RateLimitsUpdated(
+            rate_limits=[ev.RateLimit(name="requests", limit=sessions.limit, remaining=sessions.remaining,
+                                      reset_seconds=0.0)],
+            duet={"sessions": sessions, "kv_slots": kv_slots})
 
     # ---- brains -------------------------------------------------------------------------------
     def new_pacer(self, options: ResponseOptions, playback: PlaybackClock, llm: LlmConfig) -> MindPacer:
@@ -349,11 +387,12 @@ class Session(ItemEvents):
     def _commit_turn(self, item_id: str, audio: np.ndarray, transcript: asyncio.Future[str] | None,
                      prefetch: Prefetch | None = None, speech_end_ms: int | None = None) -> None:
         committed_at = time.perf_counter()
-        item = Item(id=item_id, role="user", audio=True, status="in_progress")
+        item = Item(id=item_id, role="user", audio=True, status="in_progress",
+                    audio_ms=len(audio) * 1000 / audio_codec.SPEECH_RATE)
         previous = self.history.add(item)
         self.emit(ev.Committed(previous_item_id=previous, item_id=item_id))
         self.emit(ev.ItemCreated(previous_item_id=previous, item=item.to_protocol(self.settings.beta)))
-        self._spawn(self._transcribe_turn(item, audio, transcript, prefetch, committed_at, speech_end_ms), "turn")
+        self.spawn(self._transcribe_turn(item, audio, transcript, prefetch, committed_at, speech_end_ms), "turn")
 
     async def _transcribe_turn(self, item: Item, audio: np.ndarray, speculative: asyncio.Future[str] | None,
                                prefetch: Prefetch | None, committed_at: float, speech_end_ms: int | None) -> None:
@@ -383,5 +422,5 @@ class Session(ItemEvents):
                 raise SessionError("a response is already in progress", code="conversation_already_has_active_response")
             self.response.cancel("turn_detected")
         self.response = Response(self, options, prefetch)
-        self._spawn(self.response.run(), "response")
+        self.spawn(self.response.run(), "response")
 

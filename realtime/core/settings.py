@@ -13,22 +13,32 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.audio import AudioFormat, format_to_beta, format_to_ga, parse_audio_format
-from common.config import PACING_MODES, DuetConfig, PacingMode
+from common.config import DuetConfig, PacingMode, VadConfig
 from common.errors import SessionError
+from realtime.core import events as ev
+from realtime.core import params
 
 PCM16 = AudioFormat("pcm16", 24000)
 BETA_ONLY_KEYS = ("input_audio_format", "output_audio_format", "modalities", "input_audio_transcription",
                   "turn_detection", "max_response_output_tokens")
+_VAD_DEFAULTS = VadConfig()
 
 
 @dataclass(frozen=True)
 class TurnDetection:
     type: str = "server_vad"
-    threshold: float = 0.5
-    prefix_padding_ms: int = 300
-    silence_duration_ms: int = 300
+    # The timings are the [vad] config's, never numbers of their own: `from_vad` takes a server's configured
+    # ones, and these defaults are VadConfig's, so the two cannot drift apart.
+    threshold: float = _VAD_DEFAULTS.threshold
+    prefix_padding_ms: int = _VAD_DEFAULTS.prefix_padding_ms
+    silence_duration_ms: int = _VAD_DEFAULTS.silence_duration_ms
     create_response: bool = True
     interrupt_response: bool = True
+
+    @classmethod
+    def from_vad(cls, v: VadConfig) -> TurnDetection:
+        return cls(threshold=v.threshold, prefix_padding_ms=v.prefix_padding_ms,
+                   silence_duration_ms=v.silence_duration_ms)
 
     def to_protocol(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -43,6 +53,8 @@ class SessionSettings:
     input_format: AudioFormat = PCM16
     output_format: AudioFormat = PCM16
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
+    # What a client that turned detection off (null) gets back when it turns it on without giving timings.
+    server_turn_detection: TurnDetection = field(default_factory=TurnDetection)
     transcription_model: str = "whisper-1"
     temperature: float = 0.8
     max_output_tokens: int | str = "inf"
@@ -52,19 +64,18 @@ class SessionSettings:
     # Partial transcripts while the user speaks (0 = off), and brains started on them (think while listening).
     partial_transcripts_ms: int = 0
     think_while_listening: bool = False
+    # The `duet.*` event types this client opted in to (`duet.events`, or `?duet_events=` on the URL): strict
+    # clients reject event types they do not know, so a client gets none unless it asks.
+    duet_events: frozenset[str] = frozenset()
     beta: bool = False  # answer with the beta shape and event names
     updated: bool = False  # has the client sent session.update yet
 
     @classmethod
     def from_config(cls, cfg: DuetConfig, beta: bool = False) -> SessionSettings:
-        v = cfg.vad
+        td = TurnDetection.from_vad(cfg.vad)
         return cls(pacing=cfg.mind.mode, beta=beta, partial_transcripts_ms=cfg.asr.partial_interval_ms,
-                   think_while_listening=cfg.mind.think_while_listening, turn_detection=TurnDetection(
-            threshold=v.threshold, prefix_padding_ms=v.prefix_padding_ms, silence_duration_ms=v.silence_duration_ms))
-
-    @property
-    def audio_out(self) -> bool:
-        return "audio" in self.modalities
+                   think_while_listening=cfg.mind.think_while_listening, turn_detection=td,
+                   server_turn_detection=td)
 
     # ---- applying an update -------------------------------------------------------------------
     def apply(self, update: dict[str, Any], event_id: str | None = None) -> None:
@@ -73,7 +84,8 @@ class SessionSettings:
         try:
             staged._apply(update)
         except (ValueError, TypeError, KeyError) as exc:
-            raise SessionError(f"invalid session.update: {exc}", code="invalid_value", param="session",
+            param = f"session.{exc.param}" if isinstance(exc, params.InvalidParam) else "session"
+            raise SessionError(f"invalid session.update: {exc}", code="invalid_value", param=param,
                                event_id=event_id) from None
         for f in dataclasses.fields(self):
             setattr(self, f.name, getattr(staged, f.name))
@@ -89,13 +101,10 @@ class SessionSettings:
             if key in u:
                 setattr(self, key, str(u[key]))
         if "instructions" in u:
-            self.instructions = None if u["instructions"] is None else str(u["instructions"])
+            self.instructions = params.instructions(u["instructions"])
         for key in ("modalities", "output_modalities"):
             if key in u:
-                mods = [str(m) for m in u[key]]
-                if not mods or any(m not in ("audio", "text") for m in mods):
-                    raise ValueError(f"{key} must be a non-empty list of 'audio' and 'text'")
-                self.modalities = mods
+                self.modalities = params.modalities(u[key], key)
         if "input_audio_format" in u:
             self.input_format = parse_audio_format(u["input_audio_format"])
         if "output_audio_format" in u:
@@ -122,33 +131,24 @@ class SessionSettings:
             self.temperature = float(u["temperature"])
         for key in ("max_response_output_tokens", "max_output_tokens"):
             if key in u:
-                value = u[key]
-                if value != "inf" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                    raise ValueError(f"{key} must be a positive integer or 'inf'")
-                self.max_output_tokens = value
+                self.max_output_tokens = params.max_output_tokens(u[key], key)
         if "tools" in u:
-            tools = u["tools"]
-            if not isinstance(tools, list) or any(not isinstance(t, dict) or not t.get("name") for t in tools):
-                raise TypeError("tools must be a list of function objects with a name")
-            self.tools = list(tools)
+            self.tools = params.tools(u["tools"])
         if "tool_choice" in u:
-            choice = u["tool_choice"]
-            if isinstance(choice, dict):
-                choice = (choice.get("function") or {}).get("name") or choice.get("name")
-            allowed = ("auto", "none", "required", *(t["name"] for t in self.tools))
-            if not isinstance(choice, str) or choice not in allowed:
-                raise ValueError("tool_choice must be auto, none, required or the name of a session tool")
-            self.tool_choice = choice
+            self.tool_choice = params.tool_choice(u["tool_choice"], self.tools)
         duet = u.get("duet") or {}
         if "pacing" in duet:
-            if duet["pacing"] not in PACING_MODES:
-                raise ValueError(f"duet.pacing must be one of {PACING_MODES}")
-            self.pacing = duet["pacing"]
+            self.pacing = params.pacing(duet["pacing"])
         if "partial_transcripts_ms" in duet:
             value = duet["partial_transcripts_ms"]
             if not isinstance(value, int) or isinstance(value, bool) or not (value == 0 or 200 <= value <= 10000):
                 raise ValueError("duet.partial_transcripts_ms must be 0 (off) or 200..10000")
             self.partial_transcripts_ms = value
+        if "events" in duet:
+            self.duet_events = ev.parse_duet_events(duet["events"])
+        if duet.get("partial_transcripts_ms"):
+            # Asking for partial transcripts is asking for the event that carries them.
+            self.duet_events |= {ev.DUET_EVENTS["input_transcript"]}
         if "think_while_listening" in duet:
             if not isinstance(duet["think_while_listening"], bool):
                 raise ValueError("duet.think_while_listening must be true or false")
@@ -162,7 +162,7 @@ class SessionSettings:
         kind = value.get("type", "server_vad")
         if kind not in ("server_vad", "semantic_vad"):
             raise ValueError(f"turn_detection.type {kind!r} is not supported")
-        base = self.turn_detection or TurnDetection()
+        base = self.turn_detection or self.server_turn_detection
         threshold = float(value.get("threshold", base.threshold))
         if not 0.0 < threshold < 1.0:
             raise ValueError("turn_detection.threshold must be between 0 and 1")
@@ -180,17 +180,20 @@ class SessionSettings:
     # ---- reporting ----------------------------------------------------------------------------
     def to_protocol(self, session_id: str) -> dict[str, Any]:
         td = self.turn_detection.to_protocol() if self.turn_detection else None
+        events = [name for name, kind in ev.DUET_EVENTS.items() if kind in self.duet_events]
         common = {"id": session_id, "object": "realtime.session", "model": self.model,
                   "instructions": self.instructions or "", "tools": self.tools, "tool_choice": self.tool_choice,
                   "duet": {"pacing": self.pacing, "partial_transcripts_ms": self.partial_transcripts_ms,
-                           "think_while_listening": self.think_while_listening}}
-        if self.beta:
+                           "think_while_listening": self.think_while_listening, "events": events}}
+        if self.beta:  # the beta schema's tool_choice is a string: the function's name when one is forced
             return {**common, "modalities": self.modalities, "voice": self.voice,
                     "input_audio_format": format_to_beta(self.input_format),
                     "output_audio_format": format_to_beta(self.output_format),
                     "input_audio_transcription": {"model": self.transcription_model},
                     "turn_detection": td, "temperature": self.temperature,
                     "max_response_output_tokens": self.max_output_tokens}
+        if self.tool_choice not in ("auto", "none", "required"):  # GA names a forced function with an object
+            common["tool_choice"] = {"type": "function", "name": self.tool_choice}
         return {**common, "type": "realtime", "output_modalities": self.modalities,
                 "audio": {"input": {"format": format_to_ga(self.input_format), "turn_detection": td,
                                     "transcription": {"model": self.transcription_model}},
