@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 import torch
 
+from brains.backends.attention_kernels import Attention
 from brains.backends.cuda_graphs import (
     DEFAULT_BUCKETS,
     DEFAULT_PREFILL_BUCKETS,
     DEFAULT_RAGGED_BUCKETS,
-    Attention,
     GraphedDecoder,
 )
 from brains.backends.decoder import DecoderLM, KVCache

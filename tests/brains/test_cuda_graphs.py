@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from brains.backends import cuda_graphs
-from brains.backends.cuda_graphs import DecodeStep, GraphedDecoder, attention_torch
+from brains.backends import attention_kernels
+from brains.backends.attention_kernels import attention_torch
+from brains.backends.cuda_graphs import GraphedDecoder
+from brains.backends.decode_step import DecodeStep
 from brains.backends.decoder import ArchSpec, DecoderLM
 from brains.backends.torch_backend import TorchBackend
 from brains.engine import Engine, GenerationRequest
@@ -129,7 +131,7 @@ async def test_engine_generates_the_same_tokens_with_the_graphed_backend() -> No
 @needs_cuda
 @pytest.mark.parametrize("attention", ["triton", "torch"])
 def test_graph_replay_matches_eager_on_cuda(attention: str) -> None:
-    if attention == "triton" and cuda_graphs.triton is None:
+    if attention == "triton" and attention_kernels.triton is None:
         pytest.skip("Triton is not installed")
     model = DecoderLM.random(QWEN3ISH, 640, "cuda", torch.bfloat16, seed=2)
     lengths = [1, 255, 256, 300, 600]  # crossing the split-KV boundaries
@@ -155,7 +157,7 @@ def test_graph_replay_matches_eager_on_cuda(attention: str) -> None:
 
 @needs_cuda
 def test_triton_attention_matches_torch_on_cuda() -> None:
-    if cuda_graphs.triton is None:
+    if attention_kernels.triton is None:
         pytest.skip("Triton is not installed")
     torch.manual_seed(0)
     for heads, kvh, hd in ((32, 8, 128), (14, 2, 64)):
@@ -167,10 +169,41 @@ def test_triton_attention_matches_torch_on_cuda() -> None:
         slots, pos = torch.tensor([4, 0, 2, 1], device="cuda"), torch.tensor([0, 255, 256, 699], device="cuda")
         want = attention_torch(q.float(), kn.float(), vn.float(), kc.float(), vc.float(), slots, pos)
         kc2, vc2 = kc.clone(), vc.clone()
-        got = cuda_graphs.attention_triton(q, kn, vn, kc2, vc2, slots, pos)
+        got = attention_kernels.attention_triton(q, kn, vn, kc2, vc2, slots, pos)
         assert float((got.float() - want).norm() / want.norm()) < 1e-2
         kc[slots, :, pos] = kn
         assert torch.equal(kc2, kc)
+
+
+def _ragged_attention_case(device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ragged batch through `attention_ragged_triton` and the torch reference: decode rows at positions 0
+    (only its own key), 256 (a split boundary) and 699 (the last), a 20-token chunk at 250..269 (two row groups,
+    across a split boundary), a padding row on the scratch slot, and padding groups of length 0."""
+    g = torch.Generator().manual_seed(1)
+    kvh, heads, hd = 2, 8, 64
+    kc = torch.randn(5, kvh, 700, hd, generator=g).to(device, dtype)
+    vc = torch.randn(5, kvh, 700, hd, generator=g).to(device, dtype)
+    slots = torch.tensor([4, *[0] * 20, 2, 1, 3], device=device)
+    pos = torch.tensor([0, *range(250, 270), 256, 699, 0], device=device)
+    q = torch.randn(len(slots), heads, hd, generator=g).to(device, dtype)
+    kn = torch.randn(len(slots), kvh, hd, generator=g).to(device, dtype)
+    vn = torch.randn(len(slots), kvh, hd, generator=g).to(device, dtype)
+    want = attention_torch(q.float(), kn.float(), vn.float(), kc.float(), vc.float(), slots, pos)
+    kc[slots, :, pos], vc[slots, :, pos] = kn, vn  # the ragged kernel reads the new keys from the cache
+    starts, lens = attention_kernels.ragged_groups(slots.tolist())
+    assert lens == [1, 16, 4, 1, 1, 1]
+    pad = [0] * 3  # groups past the real ones have length 0 (as in the captured graphs) and store nothing
+    gstart, glen = torch.tensor(starts + pad, device=device), torch.tensor(lens + pad, device=device)
+    got = attention_kernels.attention_ragged_triton(q, kc, vc, slots, pos, gstart, glen)
+    return got.float(), want
+
+
+@needs_cuda
+def test_ragged_triton_attention_matches_torch_on_cuda() -> None:
+    if attention_kernels.triton is None:
+        pytest.skip("Triton is not installed")
+    got, want = _ragged_attention_case("cuda", torch.bfloat16)
+    assert float((got - want).norm() / want.norm()) < 1e-2
 
 
 def test_quick_benchmark_writes_json(tmp_path: Path) -> None:
