@@ -39,7 +39,9 @@ class SeqView:
     brain: Brain
     prefill_left: int  # prompt tokens whose keys/values are not computed yet (0 = decoding)
     audio_ahead_ms: float  # AB only: audio queued ahead of the client's playback clock
-    last_step: int  # the last step this sequence ran in (-1 = never)
+    # When this sequence last ran, as a stamp that grows with every sequence the engine serves (not a step
+    # number: sequences served in one step would tie); -1 = never. Lower = waited longer, so it goes first.
+    last_step: int
     arrival: int  # admission order, the final tie-break
 
 

@@ -31,6 +31,9 @@ FloatArray = npt.NDArray[np.float32]
 
 PCM16_RATE: Final = 24000
 G711_RATE: Final = 8000
+# The rate of everything that listens (VAD, turn audio, ASR): Silero VAD and Whisper both take 16 kHz input,
+# so input audio is resampled to it once, at the protocol edge.
+SPEECH_RATE: Final = 16000
 
 # GA `type` <-> beta encoding name.
 _GA_TYPES: Final[dict[str, Encoding]] = {
@@ -163,14 +166,6 @@ _ULAW_TO_LIN: Final = _ulaw_decode_table()
 _ALAW_TO_LIN: Final = _alaw_decode_table()
 _LIN_TO_ULAW: Final = _ulaw_encode_table()
 _LIN_TO_ALAW: Final = _alaw_encode_table()
-
-
-def ulaw_to_int16(data: bytes) -> npt.NDArray[np.int16]:
-    return _ULAW_TO_LIN[np.frombuffer(data, dtype=np.uint8)]
-
-
-def alaw_to_int16(data: bytes) -> npt.NDArray[np.int16]:
-    return _ALAW_TO_LIN[np.frombuffer(data, dtype=np.uint8)]
 
 
 def int16_to_ulaw(pcm: npt.NDArray[np.int16]) -> bytes:

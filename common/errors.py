@@ -22,10 +22,3 @@ class SessionError(DuetError):
 
 class EngineError(DuetError):
     """Fatal for the engine: every request in flight fails with it."""
-
-
-class CapacityError(SessionError):
-    """The engine has no free KV-cache slot; the request can be retried later."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, code="capacity_exceeded", type="server_error")

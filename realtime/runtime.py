@@ -24,6 +24,7 @@ from brains.backends.torch_backend import TorchBackend
 from brains.engine import Engine, GenerationEngine, GenerationRequest
 from brains.prompts import PromptBuilder
 from brains.scheduler import SchedulerConfig
+from common.audio import SPEECH_RATE
 from common.config import DuetConfig
 from realtime.speech_in.asr import Listener
 from realtime.speech_in.vad import SileroVad
@@ -86,7 +87,7 @@ class Runtime:
             prompt = self.prompts.conversation([], None, thinking)
             async for _ in self.engine.submit(GenerationRequest(prompt=prompt, max_new_tokens=1)):
                 pass
-        await self.transcribe(np.zeros(16000, dtype=np.float32))
+        await self.transcribe(np.zeros(SPEECH_RATE, dtype=np.float32))  # 1 s of silence
         await self.run_in(self.tts_pool, self.synthesizer.synthesize, "Ready.")
 
     async def transcribe(self, audio16k: np.ndarray) -> str:

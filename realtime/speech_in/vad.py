@@ -23,13 +23,13 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from common.audio import SPEECH_RATE
 from common.config import VadConfig
 
 logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
 
-SAMPLE_RATE: Final = 16000
 FRAME_SAMPLES: Final = 512  # 32 ms: the window the 16 kHz Silero v5/v6 model is trained on
 CONTEXT_SAMPLES: Final = 64  # tail of the previous window the model sees before each new one
 # Speech, once started, continues until the probability drops this far below the threshold
@@ -41,11 +41,11 @@ _EXPECTED_INPUTS: Final = {"input", "state", "sr"}
 
 
 def _ms(samples: int) -> int:
-    return samples * 1000 // SAMPLE_RATE
+    return samples * 1000 // SPEECH_RATE
 
 
 def _samples(ms: float) -> int:
-    return round(ms * SAMPLE_RATE / 1000)
+    return round(ms * SPEECH_RATE / 1000)
 
 
 # ---------------------------------------------------------------- model
@@ -96,7 +96,7 @@ def _dim(value: object, default: int) -> int:
 class VadStream:
     """Per-stream recurrent state + context of the Silero model (the numpy twin of OnnxWrapper)."""
 
-    _SR: Final = np.array(SAMPLE_RATE, dtype=np.int64)
+    _SR: Final = np.array(SPEECH_RATE, dtype=np.int64)
 
     def __init__(self, vad: SileroVad) -> None:
         self._vad = vad

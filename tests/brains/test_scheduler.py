@@ -196,8 +196,8 @@ def simulate(views: Sequence[SeqView], config: SchedulerConfig, steps: int,
              stamp: str = "step") -> dict[int, list[int]]:
     """Run `steps` steps, updating `last_step`; return the steps each sequence ran in.
 
-    `stamp="step"` sets `last_step` to the step number, as the engine does; `stamp="serve"` to a
-    counter that grows with every sequence served, in plan order (a round-robin queue position).
+    `stamp="step"` sets `last_step` to the step number; `stamp="serve"` to a counter that grows with every
+    sequence served, in plan order (a round-robin queue position), as the engine does.
     """
     current = {v.seq_id: v for v in views}
     ran: dict[int, list[int]] = {v.seq_id: [] for v in views}
@@ -235,8 +235,8 @@ def test_fb_fairness_when_budget_is_short(sessions: int, budget: int) -> None:
 def test_fb_equal_shares_with_serve_order_stamps(sessions: int, budget: int) -> None:
     """Fed a serve-order stamp as `last_step`, least-recently-served is an exact round robin.
 
-    (With step numbers, as the engine feeds today, sequences served in the same step tie and the
-    arrival tie-break favours the oldest sessions: see test_engine.py::test_fb_sequences_get_equal_shares.)
+    (With step numbers instead, sequences served in the same step tie and the arrival tie-break favours the
+    oldest sessions; the engine feeds serve-order stamps: see test_engine.py::test_fb_sequences_get_equal_shares.)
     """
     views = [view(i, "fb", session=f"s{i}", arrival=i) for i in reversed(range(sessions))]
     steps = 60

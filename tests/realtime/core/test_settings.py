@@ -65,7 +65,7 @@ def test_beta_shaped_update() -> None:
     assert s.beta and s.updated
     assert s.input_format == G711_ULAW
     assert s.output_format == G711_ALAW
-    assert not s.audio_out
+    assert s.modalities == ["text"]
     out = s.to_protocol(SID)
     assert out["input_audio_format"] == "g711_ulaw"
     assert out["output_audio_format"] == "g711_alaw"
@@ -287,3 +287,16 @@ def test_default_settings_round_trip(beta: bool) -> None:
     s.apply(copy.deepcopy(reported))
     assert s.to_protocol(SID) == reported
     assert s.beta is beta
+
+
+def test_turn_detection_defaults_are_the_vad_configs() -> None:
+    """TurnDetection has no timings of its own: the defaults are VadConfig's, and a session that turns
+    detection off and on again without timings gets the server's configured ones back."""
+    vad = VadConfig()
+    assert TurnDetection() == TurnDetection(threshold=vad.threshold, prefix_padding_ms=vad.prefix_padding_ms,
+                                            silence_duration_ms=vad.silence_duration_ms)
+    configured = VadConfig(threshold=0.6, prefix_padding_ms=250, silence_duration_ms=700)
+    s = SessionSettings.from_config(DuetConfig(vad=configured))
+    s.apply({"turn_detection": None})
+    s.apply({"turn_detection": {"type": "server_vad"}})
+    assert s.turn_detection == TurnDetection.from_vad(configured)
