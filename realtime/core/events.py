@@ -3,7 +3,10 @@
 Field names follow the published protocol exactly, so clients written for it work unchanged. The
 session core works with these structs; only `decode_client_event` / `encode_server_event` see JSON.
 Server events are named with the GA names; `BETA_NAMES` maps them for sessions that speak the beta.
-Duet's own additions use the `duet.` namespace, which standard clients ignore.
+Every standard event validates against the `openai` package's models of the protocol (tests/integration/
+schema.py), since strict clients reject anything else. Duet's own events use the `duet.` namespace and are
+opt-in (`DUET_EVENTS`, `visible`): strict clients reject unknown event types, so only a client that asked
+for them gets them.
 """
 
 from __future__ import annotations
@@ -11,10 +14,13 @@ from __future__ import annotations
 import binascii
 import itertools
 import secrets
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
+import numpy as np
 
+from common import audio as audio_codec
+from common.audio import PCM16, AudioFormat
 from common.errors import SessionError
 
 # ---------------------------------------------------------------------------------------------
@@ -30,7 +36,9 @@ class SessionUpdate(ClientEvent, kw_only=True, tag="session.update"):
 
 
 class InputAudioBufferAppend(ClientEvent, kw_only=True, tag="input_audio_buffer.append"):
-    audio: str  # base64; decoded by `decode_audio` for a clear error on bad input
+    # The client's samples in the session's input format. Base64 is the wire's business: the JSON decoder
+    # undoes it (`decode_client_event`); a transport that has raw bytes (telephony) passes them as they are.
+    audio: bytes
 
 
 class InputAudioBufferCommit(ClientEvent, kw_only=True, tag="input_audio_buffer.commit"):
@@ -72,10 +80,6 @@ class OutputAudioBufferClear(ClientEvent, kw_only=True, tag="output_audio_buffer
     pass
 
 
-ClientEventT = (SessionUpdate | InputAudioBufferAppend | InputAudioBufferCommit | InputAudioBufferClear
-                | ConversationItemCreate | ConversationItemTruncate | ConversationItemDelete
-                | ConversationItemRetrieve | ResponseCreate | ResponseCancel | OutputAudioBufferClear)
-
 CLIENT_EVENTS: dict[str, type[ClientEvent]] = {
     cls.__struct_config__.tag: cls  # type: ignore[misc]
     for cls in (SessionUpdate, InputAudioBufferAppend, InputAudioBufferCommit, InputAudioBufferClear,
@@ -102,6 +106,8 @@ def decode_client_event(data: str | bytes) -> ClientEvent:
     if cls is None:
         raise SessionError(f"unknown event type {kind!r}", code="unknown_event_type", param="type",
                            event_id=event_id)
+    if cls is InputAudioBufferAppend and isinstance(raw.get("audio"), str):
+        raw["audio"] = decode_audio(raw["audio"], event_id)  # strict, with its own error code
     try:
         return msgspec.convert(raw, cls)
     except msgspec.ValidationError as exc:
@@ -192,10 +198,19 @@ class TranscriptionDelta(ServerEvent, kw_only=True, tag="conversation.item.input
     delta: str
 
 
+class TranscriptionUsage(msgspec.Struct, kw_only=True):
+    """Billing-style usage of a transcription; the schema requires it. Whisper runs locally on the audio,
+    so the honest measure is the duration transcribed (the schema's other shape counts tokens)."""
+
+    type: Literal["duration"] = "duration"
+    seconds: float
+
+
 class TranscriptionCompleted(ServerEvent, kw_only=True, tag="conversation.item.input_audio_transcription.completed"):
     item_id: str
     content_index: int = 0
     transcript: str
+    usage: TranscriptionUsage
 
 
 class PartialTranscript(ServerEvent, kw_only=True, tag="duet.input_transcript.partial"):
@@ -245,8 +260,15 @@ class _Delta(ServerEvent, kw_only=True):
     delta: str
 
 
-class AudioDelta(_Delta, kw_only=True, tag="response.output_audio.delta"):
-    pass
+class AudioDelta(ServerEvent, kw_only=True, tag="response.output_audio.delta"):
+    """Reply audio as float32 PCM at the session's output rate. It is encoded (pcm16 or G.711) and base64'd
+    only at the wire (`encode_server_event`); the telephony bridge encodes it for the phone itself."""
+
+    response_id: str
+    item_id: str
+    output_index: int = 0
+    content_index: int = 0
+    delta: Any  # np.ndarray (msgspec has no array type; `_audio_hook` encodes it)
 
 
 class AudioTranscriptDelta(_Delta, kw_only=True, tag="response.output_audio_transcript.delta"):
@@ -298,14 +320,22 @@ class FunctionCallArgumentsDone(ServerEvent, kw_only=True, tag="response.functio
 
 
 class RateLimit(msgspec.Struct, kw_only=True):
-    name: str
+    name: Literal["requests", "tokens"]  # the only names the protocol has
     limit: int
     remaining: int
     reset_seconds: float
 
 
+class Capacity(msgspec.Struct, kw_only=True):
+    limit: int
+    remaining: int
+
+
 class RateLimitsUpdated(ServerEvent, kw_only=True, tag="rate_limits.updated"):
     rate_limits: list[RateLimit]
+    # Duet's own view of its capacity (session slots, KV-cache slots), which has no protocol name; a
+    # namespaced field like `session.duet`, which the schema's models accept as an extra field.
+    duet: dict[str, Capacity] | None = None
 
 
 class ResponseDone(ServerEvent, kw_only=True, tag="response.done"):
@@ -313,7 +343,7 @@ class ResponseDone(ServerEvent, kw_only=True, tag="response.done"):
 
 
 class OutputAudioBufferCleared(ServerEvent, kw_only=True, tag="output_audio_buffer.cleared"):
-    response_id: str | None = None
+    response_id: str = ""  # the schema requires a string, even when no response had audio to clear
 
 
 class ThoughtDelta(ServerEvent, kw_only=True, tag="duet.thought.delta"):
@@ -331,6 +361,36 @@ class TurnMetrics(ServerEvent, kw_only=True, tag="duet.turn.metrics"):
     metrics: dict[str, float | int | str | None]
 
 
+# Duet's own events, by the short name a client opts in with: `session.update {session: {duet: {events:
+# [...]}}}` or `?duet_events=...` on the WebSocket URL ("all" for every one).
+DUET_EVENTS = {
+    "thought": "duet.thought.delta",
+    "turn_metrics": "duet.turn.metrics",
+    "input_transcript": "duet.input_transcript.partial",
+}
+
+
+def parse_duet_events(value: Any) -> frozenset[str]:
+    """Opt-in names (a list, or one comma-separated string; "all" for every one) -> event types."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise ValueError("duet.events must be a list of event names or a comma-separated string")
+    names = [n.strip() for n in names if n.strip()]
+    if "all" in names:
+        return frozenset(DUET_EVENTS.values())
+    types = {n: DUET_EVENTS.get(n, n if n in DUET_EVENTS.values() else None) for n in names}  # full type too
+    unknown = [n for n, t in types.items() if t is None]
+    if unknown:
+        raise ValueError(f"unknown duet events {unknown}; choose from {[*DUET_EVENTS, 'all']}")
+    return frozenset(t for t in types.values() if t is not None)
+
+
+def visible(event: ServerEvent, opted_in: frozenset[str]) -> bool:
+    """Does this event go to a client that opted in to `opted_in` (event types)? Standard events always do."""
+    tag = event.__struct_config__.tag
+    return not (isinstance(tag, str) and tag.startswith("duet.")) or tag in opted_in
+
+
 BETA_NAMES = {
     "response.output_audio.delta": "response.audio.delta",
     "response.output_audio.done": "response.audio.done",
@@ -343,9 +403,13 @@ BETA_NAMES = {
 _json_encoder = msgspec.json.Encoder()
 
 
-def encode_server_event(event: ServerEvent, beta: bool = False) -> str:
+def encode_server_event(event: ServerEvent, beta: bool = False, audio_format: AudioFormat = PCM16) -> str:
+    """One event as JSON text: audio deltas are encoded in `audio_format` (the session's output format)."""
     if not event.event_id:
         event.event_id = new_id("event")
+    if isinstance(event, AudioDelta) and isinstance(event.delta, np.ndarray):
+        # Only here does reply audio become bytes and base64: the core and the other transports see PCM.
+        event = msgspec.structs.replace(event, delta=encode_audio(audio_codec.encode(event.delta, audio_format)))
     if beta:
         name = event.__struct_config__.tag
         if isinstance(name, str) and name in BETA_NAMES:
@@ -353,6 +417,25 @@ def encode_server_event(event: ServerEvent, beta: bool = False) -> str:
             raw["type"] = BETA_NAMES[name]
             return _json_encoder.encode(raw).decode()
     return _json_encoder.encode(event).decode()
+
+
+# The protocol's reasons for a response that did not complete. Duet stops responses for finer reasons
+# (the client truncated, cleared or deleted the reply, or went away); those are the client cancelling it,
+# and the finer reason stays in `status_details.duet`.
+_PROTOCOL_REASONS = {"turn_detected": "turn_detected", "client_cancelled": "client_cancelled",
+                     "max_output_tokens": "max_output_tokens", "content_filter": "content_filter"}
+
+
+def status_details(status: str, reason: str | None) -> dict[str, Any] | None:
+    """A response's `status_details` in the protocol's shape; None while nothing needs explaining."""
+    if reason is None:
+        return None
+    if status == "failed":  # the protocol explains a failure with an error object, not a reason
+        return {"type": "failed", "error": {"type": "server_error", "code": "response_failed", "message": reason}}
+    details: dict[str, Any] = {"type": status, "reason": _PROTOCOL_REASONS.get(reason, "client_cancelled")}
+    if details["reason"] != reason:
+        details["duet"] = {"reason": reason}
+    return details
 
 
 def error_event(err: SessionError) -> Error:

@@ -283,13 +283,11 @@ class _Speech:
         step = fmt.sample_rate * AUDIO_DELTA_MS // 1000
         for i in range(0, len(samples), step):
             piece = samples[i:i + step]
-            data = audio_codec.encode(piece, fmt)
             r._out_energy += float(np.dot(piece, piece))
             r._out_samples += len(piece)
             if r.first_audio_at is None:
                 r.first_audio_at = time.perf_counter()
-            r.session.emit(ev.AudioDelta(response_id=r.id, item_id=r.item.id,
-                                         delta=ev.encode_audio(data)))
+            r.session.emit(ev.AudioDelta(response_id=r.id, item_id=r.item.id, delta=piece))
             r._mark("first_audio_sent_ms")
             r.playback.add(len(piece) * 1000.0 / fmt.sample_rate)
 

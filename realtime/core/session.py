@@ -120,7 +120,7 @@ class Session:
         self.emit(ev.SessionUpdated(session=self.settings.to_protocol(self.id)))
 
     async def _on_InputAudioBufferAppend(self, e: ev.InputAudioBufferAppend) -> None:
-        data = ev.decode_audio(e.audio, e.event_id)
+        data = e.audio
         if self.settings.input_format.encoding == "pcm16":
             data = self._odd_byte + data
             self._odd_byte = b""

@@ -245,8 +245,8 @@ class TelephonyCall:
         payload = media["payload"]
         if not isinstance(payload, str):
             raise TypeError("media.payload must be a base64 string")
-        # Already base64 G.711 in the session's input format: pass it through untouched.
-        await self._to_session(ev.InputAudioBufferAppend(audio=payload))
+        # G.711 in the session's input format: base64 is the platform's wire, undone here at the edge.
+        await self._to_session(ev.InputAudioBufferAppend(audio=ev.decode_audio(payload)))
 
     async def _on_mark(self, message: dict[str, Any]) -> None:
         name = message["mark"]["name"]
@@ -303,7 +303,7 @@ class TelephonyCall:
                 self.log.exception("on_event hook failed")
         if isinstance(event, ev.AudioDelta):
             if event.item_id not in self._cut:
-                self._send_audio(event.item_id, ev.decode_audio(event.delta))
+                self._send_audio(event.item_id, audio_codec.encode(event.delta, self.output_format))
         elif isinstance(event, ev.AudioDone):
             if self._carry_item == event.item_id:
                 self._flush_carry()

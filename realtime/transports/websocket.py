@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import cast
+from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -61,6 +62,10 @@ class DuetServer:
         if path not in REALTIME_PATHS and path not in TELEPHONY_PATHS:
             return conn.respond(HTTPStatus.NOT_FOUND, f"no endpoint at {path}; use /v1/realtime (or /twilio, "
                                                       "/telnyx for phone calls)\n")
+        try:
+            _duet_events(request.path)
+        except ValueError as exc:
+            return conn.respond(HTTPStatus.BAD_REQUEST, f"duet_events: {exc}\n")
         if len(self.sessions) >= self.cfg.max_sessions:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server is at its session limit\n")
         return None
@@ -74,6 +79,7 @@ class DuetServer:
         beta = "realtime=v1" in (ws.request.headers.get("OpenAI-Beta", "") if ws.request else "")
         outbox: asyncio.Queue[ev.ServerEvent] = asyncio.Queue()
         session = Session(self.rt, session_id, outbox.put_nowait, beta=beta)
+        session.settings.duet_events = _duet_events(ws.request.path) if ws.request else frozenset()
         self.sessions[session_id] = session
         session.log.info("connected from %s", ws.remote_address)
         try:
@@ -130,7 +136,16 @@ class DuetServer:
     async def _emit_loop(ws: ServerConnection, session: Session, outbox: asyncio.Queue[ev.ServerEvent]) -> None:
         while True:
             event = await outbox.get()
-            await ws.send(ev.encode_server_event(event, beta=session.settings.beta))
+            if not ev.visible(event, session.settings.duet_events):
+                continue  # the one filter of Duet's own events: a client gets them only if it opted in
+            await ws.send(ev.encode_server_event(event, beta=session.settings.beta,
+                                                 audio_format=session.settings.output_format))
+
+
+def _duet_events(path: str) -> frozenset[str]:
+    """Duet's own events a client asks for on the URL: `?duet_events=all` or `?duet_events=thought,turn_metrics`
+    (the query is the one place a client can ask before session.created; `session.update` can change it)."""
+    return ev.parse_duet_events(",".join(parse_qs(urlsplit(path).query).get("duet_events", [])))
 
 
 def _endpoint(path: str) -> str:

@@ -7,8 +7,10 @@ import json
 from typing import Any
 
 import msgspec
+import numpy as np
 import pytest
 
+from common import audio as audio_codec
 from common.errors import SessionError
 from realtime.core import events as ev
 
@@ -16,7 +18,7 @@ from realtime.core import events as ev
 
 CLIENT_SAMPLES: list[tuple[dict[str, Any], type[ev.ClientEvent], dict[str, Any]]] = [
     ({"type": "session.update", "session": {"voice": "joe"}}, ev.SessionUpdate, {"session": {"voice": "joe"}}),
-    ({"type": "input_audio_buffer.append", "audio": "AAAA"}, ev.InputAudioBufferAppend, {"audio": "AAAA"}),
+    ({"type": "input_audio_buffer.append", "audio": "AAAA"}, ev.InputAudioBufferAppend, {"audio": b"\0\0\0"}),
     ({"type": "input_audio_buffer.commit"}, ev.InputAudioBufferCommit, {}),
     ({"type": "input_audio_buffer.clear"}, ev.InputAudioBufferClear, {}),
     ({"type": "conversation.item.create", "item": {"type": "message"}, "previous_item_id": "item_1"},
@@ -144,9 +146,28 @@ def encoded(event: ev.ServerEvent, beta: bool = False) -> dict[str, Any]:
 
 
 def test_audio_delta_has_the_published_fields() -> None:
-    out = encoded(ev.AudioDelta(event_id="event_1", response_id="resp_1", item_id="item_1", delta="AAA="))
+    pcm = np.array([0.0, 0.5, -1.0], np.float32)  # inside the core reply audio is PCM
+    out = encoded(ev.AudioDelta(event_id="event_1", response_id="resp_1", item_id="item_1", delta=pcm))
     assert out == {"type": "response.output_audio.delta", "event_id": "event_1", "response_id": "resp_1",
-                   "item_id": "item_1", "output_index": 0, "content_index": 0, "delta": "AAA="}
+                   "item_id": "item_1", "output_index": 0, "content_index": 0,
+                   "delta": base64.b64encode(audio_codec.encode(pcm, audio_codec.PCM16)).decode()}
+
+
+@pytest.mark.parametrize("fmt", [audio_codec.PCM16, audio_codec.G711_ULAW, audio_codec.G711_ALAW])
+def test_audio_is_encoded_only_at_the_wire_in_the_sessions_format(fmt: audio_codec.AudioFormat) -> None:
+    pcm = np.linspace(-0.9, 0.9, 160, dtype=np.float32)
+    event = ev.AudioDelta(response_id="r", item_id="i", delta=pcm)
+    wire = json.loads(ev.encode_server_event(event, audio_format=fmt))["delta"]
+    assert base64.b64decode(wire) == audio_codec.encode(pcm, fmt)
+    assert event.delta is pcm  # the event itself still holds PCM (other transports encode their own way)
+
+
+def test_append_audio_arrives_as_bytes_and_bad_base64_has_its_own_code() -> None:
+    event = ev.decode_client_event(json.dumps({"type": "input_audio_buffer.append", "audio": "AAE="}))
+    assert isinstance(event, ev.InputAudioBufferAppend) and event.audio == b"\0\1"
+    with pytest.raises(SessionError) as info:
+        ev.decode_client_event(json.dumps({"type": "input_audio_buffer.append", "audio": "A!E="}))
+    assert info.value.code == "invalid_base64"
 
 
 @pytest.mark.parametrize(("event", "expected"), [
@@ -157,9 +178,9 @@ def test_audio_delta_has_the_published_fields() -> None:
      {"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 900, "item_id": "item_9"}),
     (ev.Committed(previous_item_id=None, item_id="item_9"),
      {"type": "input_audio_buffer.committed", "previous_item_id": None, "item_id": "item_9"}),
-    (ev.TranscriptionCompleted(item_id="item_9", transcript="hi"),
+    (ev.TranscriptionCompleted(item_id="item_9", transcript="hi", usage=ev.TranscriptionUsage(seconds=1.5)),
      {"type": "conversation.item.input_audio_transcription.completed", "item_id": "item_9", "content_index": 0,
-      "transcript": "hi"}),
+      "transcript": "hi", "usage": {"type": "duration", "seconds": 1.5}}),
     (ev.AudioTranscriptDone(response_id="r", item_id="i", transcript="Hello."),
      {"type": "response.output_audio_transcript.done", "response_id": "r", "item_id": "i", "output_index": 0,
       "content_index": 0, "transcript": "Hello."}),
