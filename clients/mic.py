@@ -35,6 +35,7 @@ import numpy as np
 from clients.mic_audio import NO_DEVICE_HINT, AudioIO, NoAudioDevice, WallClockPacer, load_sounddevice, probe_devices
 from clients.mic_state import BLOCK_FRAMES, RATE, MicState, PlaybackBuffer, Turn
 from clients.mic_view import level_db, render_live, render_turn
+from clients.talk import with_duet_events
 
 __all__ = ["BLOCK_FRAMES", "NO_DEVICE_HINT", "RATE", "AudioIO", "MicOptions", "MicState", "NoAudioDevice",
            "PlaybackBuffer", "Turn", "WallClockPacer", "load_sounddevice", "probe_devices", "render_turn",
@@ -84,7 +85,8 @@ async def _converse(options: MicOptions, audio: AudioIO, queue: asyncio.Queue[tu
 
     state = MicState(audio.playback)
     try:
-        ws = await connect(options.url, max_size=None, open_timeout=10)
+        # Ask for Duet's own events (thoughts, turn metrics, partial transcripts) that the view shows.
+        ws = await connect(with_duet_events(options.url), max_size=None, open_timeout=10)
     except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
         print(f"duet mic: cannot connect to {options.url} ({exc})", file=sys.stderr)
         return 1

@@ -14,6 +14,7 @@ import time
 import wave
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import soxr
@@ -44,6 +45,15 @@ def write_wav(path: str | Path, samples: np.ndarray, rate: int = RATE) -> None:
         w.setsampwidth(2)
         w.setframerate(rate)
         w.writeframes(pcm.tobytes())
+
+
+def with_duet_events(url: str, events: str = "all") -> str:
+    """`url` asking a Duet server for its own `duet.*` events (thoughts, turn metrics, partial transcripts),
+    which it sends only to clients that ask. A query parameter rather than a `session.update` field: other
+    realtime servers reject unknown session fields."""
+    parts = urlsplit(url)
+    query = "&".join(q for q in (parts.query, urlencode({"duet_events": events})) if q)
+    return urlunsplit(parts._replace(query=query))
 
 
 def pcm16_b64(samples: np.ndarray) -> str:
@@ -139,7 +149,7 @@ async def talk(wav: str | Path | np.ndarray, url: str, out: str | Path | None = 
     """`beta`: speak the beta protocol (OpenAI-Beta header, beta session shape and event names)."""
     audio = wav if isinstance(wav, np.ndarray) else read_wav(wav)
     headers = {"OpenAI-Beta": "realtime=v1"} if beta else None
-    async with connect(url, max_size=None, additional_headers=headers) as ws:
+    async with connect(with_duet_events(url), max_size=None, additional_headers=headers) as ws:
         await _expect(ws, "session.created")
         shape: dict[str, Any] = {"modalities": ["audio", "text"], "input_audio_format": "pcm16",
                                  "output_audio_format": "pcm16"} if beta else {"type": "realtime"}

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from tests.integration import schema
+
 pytestmark = pytest.mark.integration
 
 
 async def recv_until(ws: ClientConnection, kind: str, limit: int = 50) -> dict[str, Any]:
     for _ in range(limit):
-        event = json.loads(await ws.recv())
+        event = schema.check(json.loads(await ws.recv()))  # errors too must fit the schema strict clients use
         if event["type"] == kind:
             return dict(event)
     raise AssertionError(f"no {kind} in {limit} events")
@@ -38,8 +40,8 @@ async def still_works(ws: ClientConnection) -> None:
 
 async def test_each_kind_of_bad_input_gets_an_error_and_the_session_survives(url, server) -> None:
     async with connect(url, max_size=None) as ws, connect(url) as bystander:
-        assert json.loads(await ws.recv())["type"] == "session.created"
-        assert json.loads(await bystander.recv())["type"] == "session.created"
+        assert schema.check(json.loads(await ws.recv()))["type"] == "session.created"
+        assert schema.check(json.loads(await bystander.recv()))["type"] == "session.created"
         await expect_error(ws, "{not json", "invalid_json")
         await expect_error(ws, "[1, 2]", "invalid_json")
         await expect_error(ws, json.dumps({"no": "type"}), "missing_type")

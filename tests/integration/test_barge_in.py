@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from tests.integration import schema
+
 pytestmark = pytest.mark.integration
 RATE, STEP = 24000, 480  # 20 ms frames
 
@@ -26,12 +28,17 @@ class Call:
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self.events: list[dict[str, Any]] = []
+        self.invalid: list[str] = []  # events that failed the schema check
         self.reply: list[np.ndarray] = []
         self.first_audio: float | None = None
 
     async def receive(self) -> None:
         async for message in self.ws:
             event = json.loads(message)
+            try:  # interruptions (cleared, truncated, cancelled responses) must fit the schema too
+                schema.check(event)
+            except schema.SchemaError as exc:
+                self.invalid.append(str(exc))  # reported by `call`: this task's exceptions go nowhere
             self.events.append(event)
             if event["type"] == "response.output_audio.delta":
                 self.first_audio = self.first_audio or time.perf_counter()
@@ -74,6 +81,7 @@ async def call(url: str, question: np.ndarray, while_reply: Any, seconds_after: 
             await c.stream(lambda i, o=offset: while_reply(c, o + i), 0.5)
             offset += 25
         receiver.cancel()
+        assert c.invalid == [], c.invalid[0]
         return c
 
 

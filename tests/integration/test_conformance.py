@@ -1,4 +1,8 @@
-"""Conformance: scripted client sessions replayed against the real server; event sequences and fields."""
+"""Conformance: scripted client sessions replayed against the real server; event sequences and fields.
+
+Every event a script receives is validated against the `openai` package's models (tests/integration/
+schema.py), as strict clients do: a field, name or shape they would reject fails the test.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import soxr
 from websockets.asyncio.client import ClientConnection, connect
 
 from common.audio import AudioFormat, decode, encode
+from tests.integration import schema
 
 pytestmark = pytest.mark.integration
 
@@ -21,8 +26,10 @@ TOOLS = [{"type": "function", "name": "get_weather", "description": "Current wea
 
 
 class Script:
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: ClientConnection, beta: bool = False, duet_events: frozenset[str] = frozenset()) -> None:
         self.ws = ws
+        self.beta = beta
+        self.duet_events = duet_events  # Duet's own event types this client opted in to (no schema has them)
         self.log: list[dict[str, Any]] = []
 
     async def send(self, **event: Any) -> None:
@@ -34,6 +41,8 @@ class Script:
         async with asyncio.timeout(timeout):
             while True:
                 event = json.loads(await self.ws.recv())
+                if event["type"] not in self.duet_events:
+                    schema.check(event, beta=self.beta)
                 self.log.append(event)
                 got.append(event)
                 if event["type"] == kind:
@@ -80,7 +89,10 @@ async def test_text_turn_has_the_published_event_sequence_and_ids(url) -> None:
         "response.output_text.done", "response.content_part.done", "response.output_item.done", "response.done"]
     rid = events[0]["response"]["id"]
     limits = {r["name"]: r for r in events[1]["rate_limits"]}
-    assert limits["sessions"]["remaining"] < limits["sessions"]["limit"]  # this session counts
+    assert limits["requests"]["remaining"] < limits["requests"]["limit"]  # this session holds a session slot
+    capacity = events[1]["duet"]  # Duet's own names for its capacity
+    assert capacity["sessions"]["remaining"] == limits["requests"]["remaining"]
+    assert 0 <= capacity["kv_slots"]["remaining"] <= capacity["kv_slots"]["limit"]
     item_id = events[2]["item"]["id"]
     for e in events[1:]:
         if "response_id" in e:
@@ -181,3 +193,59 @@ async def test_response_cancel_stops_a_response_in_progress(url) -> None:
         assert done["status"] == "cancelled" and done["status_details"]["reason"] == "client_cancelled"
         await s.send(type="response.cancel", event_id="ev_none")
         assert (await s.until("error"))[-1]["error"]["code"] == "response_cancel_not_active"
+
+
+async def test_beta_text_turn_validates_against_the_beta_schema(url) -> None:
+    async with connect(url, max_size=None, additional_headers={"OpenAI-Beta": "realtime=v1"}) as ws:
+        s = Script(ws, beta=True)
+        await s.until("session.created")
+        await s.send(type="session.update", session={"modalities": ["text"], "input_audio_format": "pcm16",
+                                                     "turn_detection": None, "duet": {"pacing": "nothink"}})
+        assert "modalities" in (await s.until("session.updated"))[-1]["session"]
+        await user_text(s, "What is the capital of France?")
+        await s.send(type="response.create")
+        events = await s.until("response.done")
+        await s.send(type="output_audio_buffer.clear")  # nothing playing: still answered, with a valid shape
+        await s.until("output_audio_buffer.cleared")
+    assert types(events) == [
+        "response.created", "rate_limits.updated", "response.output_item.added", "response.content_part.added",
+        "response.text.delta", "response.text.done", "response.content_part.done", "response.output_item.done",
+        "response.done"]
+    assert events[-1]["response"]["output"][0]["content"][0]["type"] == "text"
+
+
+async def test_duet_events_only_for_a_client_that_asks(url) -> None:
+    """A client that asks (session.update or the URL) gets the Duet events it named; the others, none."""
+    ask = {"output_modalities": ["text"], "duet": {"pacing": "think-first", "events": ["turn_metrics"]}}
+    ws, s = await open_script(url, **ask)
+    s.duet_events = frozenset({"duet.turn.metrics"})
+    async with ws:
+        assert s.log[-1]["session"]["duet"]["events"] == ["turn_metrics"]  # session.updated reports it
+        await user_text(s, "What is two plus two?")
+        await s.send(type="response.create")
+        events = await s.until("response.done")
+    kinds = [e["type"] for e in events]
+    assert "duet.turn.metrics" in kinds and "duet.thought.delta" not in kinds
+    metrics = next(e for e in events if e["type"] == "duet.turn.metrics")["metrics"]
+    assert metrics["pacing"] == "think-first" and metrics["thought_tokens"] > 0  # it thought, unseen
+
+    async with connect(url + "?duet_events=thought", max_size=None) as ws:
+        s = Script(ws, duet_events=frozenset({"duet.thought.delta"}))
+        created = (await s.until("session.created"))[-1]
+        assert created["session"]["duet"]["events"] == ["thought"]
+        await s.send(type="session.update", session={"type": "realtime", "output_modalities": ["text"],
+                                                     "duet": {"pacing": "think-first"}})
+        await s.until("session.updated")
+        await user_text(s, "What is two plus two?")
+        await s.send(type="response.create")
+        kinds = [e["type"] for e in await s.until("response.done")]
+    assert "duet.thought.delta" in kinds and "duet.turn.metrics" not in kinds
+
+
+async def test_unknown_duet_events_on_the_url_are_refused(url) -> None:
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(url + "?duet_events=everything"):
+            pass
+    assert info.value.response.status_code == 400

@@ -3,22 +3,51 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 
+from clients import talk as talk_module
 from clients.talk import talk
 from tests.conftest import says
+from tests.integration import schema
 
 pytestmark = pytest.mark.integration
+
+# Per `ask` call: the dialect it speaks and the schema failures of the events `duet talk` received.
+_strict: contextvars.ContextVar[tuple[bool, list[str]]] = contextvars.ContextVar("strict")
+
+
+@pytest.fixture(autouse=True)
+def strict_events(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every standard event `duet talk` receives validates against the schema of its dialect (talk opts in
+    to Duet's own events, which no schema has). Failures are collected: the receiving task swallows raises."""
+    feed = talk_module._Collector.feed
+
+    def checked(self: Any, event: dict[str, Any]) -> None:
+        beta, invalid = _strict.get((False, []))
+        if not str(event.get("type", "")).startswith("duet."):
+            try:
+                schema.check(event, beta=beta)
+            except schema.SchemaError as exc:
+                invalid.append(str(exc))
+        feed(self, event)
+
+    monkeypatch.setattr(talk_module._Collector, "feed", checked)
+    yield
 
 
 async def ask(url: str, audio: np.ndarray, tmp_path: Any, name: str, **kw: Any) -> tuple[dict[str, Any], np.ndarray]:
     from clients.talk import read_wav
 
     out = tmp_path / f"{name}.wav"
+    invalid: list[str] = []
+    _strict.set((bool(kw.get("beta")), invalid))
     result = await talk(audio, url, out=out, timeout_s=90, **kw)
+    assert invalid == [], invalid[0]
     return result, read_wav(out)
 
 
