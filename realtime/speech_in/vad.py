@@ -1,11 +1,14 @@
-"""Voice activity detection: Silero VAD on onnxruntime, and server_vad turn detection.
+"""Voice activity detection: Silero VAD on onnxruntime, and server_vad / semantic_vad turn detection.
 
 Three layers, so the turn logic can be tested without a model and the model shared between sessions:
 
 * `SileroVad` owns the one ONNX session of the process; `SileroVad.new_stream()` hands out a
   `VadStream` per audio stream holding the recurrent state (onnxruntime's `run` is thread-safe).
 * `TurnDetector` is sans-I/O: it turns (frame, speech probability) pairs into turn events with the
-  OpenAI Realtime `server_vad` semantics (threshold, prefix_padding_ms, silence_duration_ms).
+  OpenAI Realtime `server_vad` semantics (threshold, prefix_padding_ms, silence_duration_ms), or with
+  `semantic_vad`: at a short pause it asks a turn model (Smart Turn, `smart_turn.py`, injected as a
+  plain callable) whether the turn sounds complete, and ends it there if so, else only after a longer
+  silence. The call is synchronous: the detector runs on the VAD thread, never on the event loop.
 * `VadSegmenter` glues them together for arbitrary-length 16 kHz chunks.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -24,11 +28,13 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from common.audio import SPEECH_RATE
-from common.config import VadConfig
+from common.config import Eagerness, VadConfig
 
 logger = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
+# A turn's 16 kHz audio so far (ending in the pause) -> probability that the turn is complete.
+TurnModel = Callable[[FloatArray], float]
 
 FRAME_SAMPLES: Final = 512  # 32 ms: the window the 16 kHz Silero v5/v6 model is trained on
 CONTEXT_SAMPLES: Final = 64  # tail of the previous window the model sees before each new one
@@ -38,6 +44,26 @@ HYSTERESIS: Final = 0.15
 DEFAULT_MAX_TURN_MS: Final = 60000
 
 _EXPECTED_INPUTS: Final = {"input", "state", "sr"}
+
+
+@dataclass(frozen=True)
+class SemanticTiming:
+    """How semantic_vad ends a turn at one eagerness."""
+
+    complete_threshold: float  # the turn ends at the pause when P(complete) is at least this...
+    max_silence_ms: int  # ...else once the silence lasts this long, whatever the model said
+
+
+# OpenAI's eagerness: `high` answers as soon as it can, `low` lets the user take their time, `auto` is
+# `medium`. (OpenAI's own max timeouts are 8/4/2 s; ours are shorter because Silero, unlike a speech-to-
+# speech model, ends the wait on any voiced frame, and a caller who pauses 2 s is rare.) Chosen on
+# bench/turn_taking.py's material: docs/benchmarks.md, "Turn taking".
+SEMANTIC_EAGERNESS: Final[dict[Eagerness, SemanticTiming]] = {
+    "high": SemanticTiming(complete_threshold=0.5, max_silence_ms=800),
+    "medium": SemanticTiming(complete_threshold=0.9, max_silence_ms=1200),
+    "auto": SemanticTiming(complete_threshold=0.9, max_silence_ms=1200),
+    "low": SemanticTiming(complete_threshold=0.95, max_silence_ms=2000),
+}
 
 
 def _ms(samples: int) -> int:
@@ -172,18 +198,41 @@ class _Chunks:
             return np.zeros(0, dtype=np.float32)
         return np.concatenate(self._chunks)
 
+    def tail(self, samples: int) -> FloatArray:
+        """The last `samples` samples (all if fewer), without concatenating the whole turn."""
+        picked: list[FloatArray] = []
+        have = 0
+        for chunk in reversed(self._chunks):
+            if have >= samples:
+                break
+            picked.append(chunk)
+            have += len(chunk)
+        if not picked:
+            return np.zeros(0, dtype=np.float32)
+        return np.concatenate(picked[::-1])[-samples:]
+
     def clear(self) -> None:
         self._chunks.clear()
 
 
 class TurnDetector:
-    """OpenAI `server_vad` turn detection over 16 kHz frames and their speech probabilities.
+    """OpenAI `server_vad` / `semantic_vad` turn detection over 16 kHz frames and their speech probabilities.
 
-    Sans-I/O: no model, no clock, no threads. Time is counted in samples fed since construction,
-    so event timestamps line up with the audio the client sent; `reset()` keeps that clock.
+    Sans-I/O: no VAD model, no clock, no threads (semantic_vad calls `turn_model`, a plain function, in
+    `feed`). Time is counted in samples fed since construction, so event timestamps line up with the
+    audio the client sent; `reset()` keeps that clock. Without a `turn_model`, semantic_vad runs as
+    server_vad (the runtime warns when the model is not installed).
     """
 
-    def __init__(self, cfg: VadConfig | None = None, *, max_turn_ms: int = DEFAULT_MAX_TURN_MS) -> None:
+    # Smart Turn hears at most the last 8 s of a turn; more audio would only cost a bigger copy.
+    TURN_MODEL_WINDOW: Final = 8 * SPEECH_RATE
+
+    def __init__(self, cfg: VadConfig | None = None, *, max_turn_ms: int = DEFAULT_MAX_TURN_MS,
+                 turn_model: TurnModel | None = None) -> None:
+        self.turn_model = turn_model
+        # P(complete) from the last time semantic_vad asked the turn model (None: not asked this turn).
+        self.last_turn_probability: float | None = None
+        self._asked = False  # has the turn model judged the current pause
         self._clock = 0  # samples fed so far
         self._state = _State.IDLE
         self._preroll: deque[tuple[int, FloatArray]] = deque()  # (start sample, frame) before a turn
@@ -197,12 +246,20 @@ class TurnDetector:
         """Apply new settings (session.update) without losing the clock or a turn in progress."""
         if not 0.0 <= cfg.threshold <= 1.0:
             raise ValueError(f"VAD threshold must be within [0, 1], not {cfg.threshold}")
+        if cfg.semantic_pause_ms < 0:
+            raise ValueError(f"semantic_pause_ms must not be negative, not {cfg.semantic_pause_ms}")
         self.cfg = cfg
         if max_turn_ms is not None:
             self.max_turn_ms = max_turn_ms
         self._prefix = _samples(cfg.prefix_padding_ms)
         self._min_speech = _samples(cfg.min_speech_ms)
-        self._silence = _samples(cfg.silence_duration_ms)
+        # The timings of the mode in force: server_vad ignores the semantic ones and semantic_vad
+        # silence_duration_ms, as in OpenAI's protocol.
+        self.semantic: SemanticTiming | None = None
+        if cfg.turn_detection == "semantic_vad" and self.turn_model is not None:
+            self.semantic = SEMANTIC_EAGERNESS[cfg.eagerness]
+        self._pause = _samples(cfg.semantic_pause_ms)
+        self._max_silence = _samples(self.semantic.max_silence_ms if self.semantic else cfg.silence_duration_ms)
         self._max_turn = _samples(self.max_turn_ms)
         self._off_threshold = max(cfg.threshold - HYSTERESIS, 0.0)
 
@@ -227,6 +284,7 @@ class TurnDetector:
     def reset(self) -> None:
         """Forget any turn and pending speech (input_audio_buffer.clear); the clock keeps running."""
         self._state = _State.IDLE
+        self.last_turn_probability = None
         self._preroll.clear()
         self._turn.clear()
 
@@ -264,12 +322,22 @@ class TurnDetector:
                 return events
             self._state = _State.TRAILING
             self._silence_start = start
+            self._asked = False
             events.append(SilenceStarted(at_ms=_ms(start)))
         elif prob >= self.cfg.threshold:
             # Like VADIterator, only a frame back above the full threshold resumes the turn.
             self._state = _State.SPEAKING
             return [SpeechResumed(at_ms=_ms(start))]
-        if self._clock - self._silence_start >= self._silence:
+        silent = self._clock - self._silence_start
+        if self.semantic is not None and self.turn_model is not None and not self._asked and silent >= self._pause:
+            # Asked once per pause: the words and intonation before it do not change while it lasts, and a
+            # call costs ~60 ms of the VAD thread that every session shares.
+            self._asked = True
+            self.last_turn_probability = self.turn_model(self._turn.tail(self.TURN_MODEL_WINDOW))
+            if self.last_turn_probability >= self.semantic.complete_threshold:
+                events.append(self._stop(forced=False))
+                return events
+        if silent >= self._max_silence:
             events.append(self._stop(forced=False))
         return events
 
@@ -283,6 +351,7 @@ class TurnDetector:
 
     def _start(self) -> SpeechStarted:
         self._state = _State.SPEAKING
+        self.last_turn_probability = None
         self._turn.clear()
         audio_start = max(self._run_start - self._prefix, 0)
         if self._preroll:
@@ -312,9 +381,9 @@ class VadSegmenter:
     """VadStream + TurnDetector over arbitrary-length 16 kHz float32 chunks."""
 
     def __init__(self, vad: SileroVad, cfg: VadConfig | None = None, *,
-                 max_turn_ms: int = DEFAULT_MAX_TURN_MS) -> None:
+                 max_turn_ms: int = DEFAULT_MAX_TURN_MS, turn_model: TurnModel | None = None) -> None:
         self.stream = vad.new_stream()
-        self.detector = TurnDetector(cfg, max_turn_ms=max_turn_ms)
+        self.detector = TurnDetector(cfg, max_turn_ms=max_turn_ms, turn_model=turn_model)
         self._pending = np.zeros(0, dtype=np.float32)
         self.last_prob = 0.0
 

@@ -7,6 +7,7 @@ from common.audio import resample
 from common.config import VadConfig
 from realtime.speech_in.vad import (
     FRAME_SAMPLES,
+    SEMANTIC_EAGERNESS,
     SilenceStarted,
     SileroVad,
     SpeechResumed,
@@ -319,3 +320,114 @@ def test_loading_the_vad_leaves_torch_threads_alone() -> None:
             "import sys; print(torch.get_num_threads(), 'silero_vad' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["2", "False"]
+
+
+# ---------------------------------------------------------------- semantic_vad (fake turn model)
+
+
+class FakeTurnModel:
+    """Answers a fixed P(complete) and records the audio it was asked about."""
+
+    def __init__(self, probability: float) -> None:
+        self.probability = probability
+        self.asked: list[np.ndarray] = []
+
+    def __call__(self, audio: np.ndarray) -> float:
+        self.asked.append(audio)
+        return self.probability
+
+
+def semantic(eagerness: str = "auto", pause_ms: int = 100) -> VadConfig:
+    return VadConfig(turn_detection="semantic_vad", eagerness=eagerness,  # type: ignore[arg-type]
+                     semantic_pause_ms=pause_ms)
+
+
+def test_semantic_complete_turn_ends_at_the_short_pause() -> None:
+    model = FakeTurnModel(0.99)
+    det = TurnDetector(semantic(), turn_model=model)
+    events = feed_all(det, [SILENCE] * 10 + [SPEECH] * 30 + [SILENCE] * 60)
+    stops = [(i, ev) for i, ev in events if isinstance(ev, SpeechStopped)]
+    # 4 silent frames (128 ms) reach the 100 ms pause: decided there, not after server_vad's 300 ms.
+    assert [i for i, _ in stops] == [43]
+    assert stops[0][1].audio_end_ms == 40 * FRAME_MS
+    assert len(model.asked) == 1
+    # The model heard the turn through the pause, ending with its last frame.
+    np.testing.assert_array_equal(model.asked[0], signal(0, 44)[10 * FRAME_SAMPLES - 4800:])
+    assert det.last_turn_probability == pytest.approx(0.99)
+
+
+def test_semantic_incomplete_turn_waits_for_the_longer_silence() -> None:
+    model = FakeTurnModel(0.1)
+    det = TurnDetector(semantic("auto"), turn_model=model)
+    max_frames = -(-SEMANTIC_EAGERNESS["auto"].max_silence_ms // FRAME_MS)  # ceil
+    events = feed_all(det, [SILENCE] * 10 + [SPEECH] * 30 + [SILENCE] * (max_frames + 10))
+    stops = [i for i, ev in events if isinstance(ev, SpeechStopped)]
+    assert stops == [40 + max_frames - 1]
+    assert len(model.asked) == 1  # once per pause, not once per frame
+
+
+def test_semantic_pause_then_more_speech_is_one_turn() -> None:
+    model = FakeTurnModel(0.1)
+    det = TurnDetector(semantic(), turn_model=model)
+    # A 640 ms pause mid-sentence: server_vad (300 ms) would end the turn; semantic_vad asks and waits.
+    events = feed_all(det, [SILENCE] * 10 + [SPEECH] * 20 + [SILENCE] * 20 + [SPEECH] * 20 + [SILENCE] * 5)
+    kinds = [type(ev) for _, ev in events]
+    assert kinds == [SpeechStarted, SilenceStarted, SpeechResumed, SilenceStarted]
+    assert len(model.asked) == 2  # each pause is judged afresh
+    server = feed_all(TurnDetector(VadConfig()), [SILENCE] * 10 + [SPEECH] * 20 + [SILENCE] * 20)
+    assert any(isinstance(ev, SpeechStopped) for _, ev in server)
+
+
+@pytest.mark.parametrize("eagerness", ["low", "medium", "high", "auto"])
+def test_semantic_threshold_is_the_eagerness_threshold(eagerness: str) -> None:
+    timing = SEMANTIC_EAGERNESS[eagerness]  # type: ignore[index]
+    for probability, ends_at_pause in ((timing.complete_threshold, True), (timing.complete_threshold - 0.01, False)):
+        det = TurnDetector(semantic(eagerness), turn_model=FakeTurnModel(probability))
+        events = feed_all(det, [SPEECH] * 20 + [SILENCE] * 10)
+        assert any(isinstance(ev, SpeechStopped) for _, ev in events) is ends_at_pause
+
+
+def test_eagerness_orders_thresholds_and_waits() -> None:
+    """high answers soonest, low waits longest; auto is medium (OpenAI's definition)."""
+    high, medium, low = (SEMANTIC_EAGERNESS[e] for e in ("high", "medium", "low"))
+    assert SEMANTIC_EAGERNESS["auto"] == medium
+    assert high.complete_threshold < medium.complete_threshold < low.complete_threshold
+    assert high.max_silence_ms < medium.max_silence_ms < low.max_silence_ms
+    # The default waits out a 900 ms thinking pause that the model judged incomplete.
+    assert medium.max_silence_ms > 900
+
+
+def test_server_vad_never_asks_the_turn_model() -> None:
+    model = FakeTurnModel(0.99)
+    det = TurnDetector(VadConfig(), turn_model=model)
+    events = feed_all(det, [SILENCE] * 10 + [SPEECH] * 30 + [SILENCE] * 20)
+    assert [i for i, ev in events if isinstance(ev, SpeechStopped)] == [49]  # 10 frames = 320 ms >= 300
+    assert model.asked == []
+
+
+def test_semantic_without_a_turn_model_runs_as_server_vad() -> None:
+    det = TurnDetector(semantic())
+    assert det.semantic is None
+    events = feed_all(det, [SILENCE] * 10 + [SPEECH] * 30 + [SILENCE] * 20)
+    assert [i for i, ev in events if isinstance(ev, SpeechStopped)] == [49]
+
+
+def test_configure_switches_between_server_and_semantic() -> None:
+    model = FakeTurnModel(0.99)
+    det = TurnDetector(VadConfig(), turn_model=model)
+    det.configure(semantic())
+    assert det.semantic == SEMANTIC_EAGERNESS["auto"]
+    det.configure(VadConfig(silence_duration_ms=500))
+    assert det.semantic is None
+    events = feed_all(det, [SPEECH] * 20 + [SILENCE] * 20)
+    assert [i for i, ev in events if isinstance(ev, SpeechStopped)] == [35]  # 16 frames = 512 ms >= 500
+    assert model.asked == []
+
+
+def test_turn_model_hears_at_most_the_last_8_seconds() -> None:
+    model = FakeTurnModel(0.99)
+    det = TurnDetector(semantic(), turn_model=model)
+    feed_all(det, [SPEECH] * 300 + [SILENCE] * 4)  # 9.6 s of speech
+    assert len(model.asked) == 1
+    assert len(model.asked[0]) == 8 * 16000
+    np.testing.assert_array_equal(model.asked[0], signal(0, 304)[-8 * 16000:])
