@@ -16,6 +16,7 @@ of one padded [B, T] forward, then the batched decode.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import logging
@@ -147,6 +148,35 @@ class _Seq:
     pending_out: list[int] = field(default_factory=list)
 
 
+class StepHistogram:
+    """Counts of observations per bucket, written by the engine thread only and read by a metrics collector
+    on another thread without a lock: each field is a plain int/float whose update is atomic under the GIL,
+    so a reader may see one step's count without its sum (harmless for monitoring), and the hot path pays one
+    bisect and two additions per step."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last bucket is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, observations <= it) per bucket, +Inf last: Prometheus' histogram shape."""
+        out, running = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), list(self.counts), strict=True):
+            running += n
+            out.append((bound, running))
+        return out
+
+
+# A CPU step of SmolLM2 takes ~10-40 ms, a GPU step of an 8B model ~10-30 ms; slow steps are what to see.
+STEP_SECONDS_BUCKETS = (0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
 @dataclass
 class EngineStats:
     steps: int = 0
@@ -155,6 +185,13 @@ class EngineStats:
     prefill_tokens_saved: int = 0
     max_batch: int = 0
     busy_seconds: float = 0.0
+    # Gauges and counters for metrics (realtime/metrics.py), set by the engine thread as it goes.
+    waiting: int = 0  # requests submitted but not yet in a KV slot
+    live: int = 0  # sequences in a KV slot
+    failed_requests: int = 0  # requests ended by an error (their own, or a failed step they were in)
+    failed_steps: int = 0
+    step_seconds: StepHistogram = field(default_factory=lambda: StepHistogram(STEP_SECONDS_BUCKETS))
+    batch_size: StepHistogram = field(default_factory=lambda: StepHistogram(BATCH_BUCKETS))  # decode rows/step
 
 
 class SlotPool:
@@ -225,6 +262,11 @@ class Engine:
             raise ValueError("empty prompt")
         if len(req.prompt) >= self.backend.max_len:
             raise ValueError(f"prompt of {len(req.prompt)} tokens exceeds the {self.backend.max_len}-token cache")
+        vocab = getattr(self.backend, "vocab", 0)
+        # A token id outside the embedding table fails the whole batched step it runs in (on CUDA it is a
+        # device-side assert that poisons the context): refuse it here, where it costs only this request.
+        if vocab and not all(0 <= t < vocab for t in req.prompt):
+            raise ValueError(f"prompt has token ids outside the model's vocabulary of {vocab}")
         if self._closed:
             raise EngineError("engine is closed")
         seq_id = next(self._ids)
@@ -241,22 +283,40 @@ class Engine:
 
     # ---- engine thread ------------------------------------------------------------------------
     def _run(self) -> None:
+        stats = self.stats
         while True:
             idle = not self._live and not self._waiting
             if not self._drain(block=idle):
                 break
-            self._admit()
+            try:
+                self._admit()
+            except Exception:  # a bug here must not end the thread: every request would hang
+                log.exception("engine admission failed")
+            stats.waiting, stats.live = len(self._waiting), len(self._live)
             if not self._live:
                 continue
             t0 = time.perf_counter()
+            plan = self._plan()
             try:
-                self._execute(self._plan())
-            except Exception as exc:  # a model failure fails the requests, never the process
+                self._execute(plan)
+            except Exception as exc:  # a model failure fails the step's requests, never the engine
                 log.exception("engine step failed")
-                for seq in list(self._live.values()):
-                    self._finish(seq, Finished("error", f"{type(exc).__name__}: {exc}"))
-            self.stats.busy_seconds += time.perf_counter() - t0
+                stats.failed_steps += 1
+                # Only the sequences this step ran: the forward wrote keys/values of no other slot, so the
+                # rest go on. (Which row broke a batched forward cannot be told, so all of its rows fail.)
+                for seq_id in {*(i for i, _ in plan.prefill), *plan.decode}:
+                    seq = self._live.get(seq_id)
+                    if seq is not None:
+                        self._fail(seq, f"{type(exc).__name__}: {exc}")
+            elapsed = time.perf_counter() - t0
+            stats.busy_seconds += elapsed
+            stats.step_seconds.observe(elapsed)
             self._flush_outputs()
+            stats.waiting, stats.live = len(self._waiting), len(self._live)
+
+    def _fail(self, seq: _Seq, error: str) -> None:
+        self.stats.failed_requests += 1
+        self._finish(seq, Finished("error", error))
 
     def _drain(self, block: bool) -> bool:
         try:
@@ -305,7 +365,14 @@ class Engine:
             else:
                 slot = self._pool.take()
                 if n > 0:  # the source is live: copy its computed prefix into our slot
-                    self.backend.copy_prefix(src, slot, n)
+                    try:
+                        self.backend.copy_prefix(src, slot, n)
+                    except Exception as exc:  # this request's copy: it fails alone, its slot goes back
+                        log.exception("prefix copy failed")
+                        self._pool.release(slot, [])
+                        self.stats.failed_requests += 1
+                        self._deliver(seq, Finished("error", f"{type(exc).__name__}: {exc}"))
+                        continue
             seq.slot, seq.kv_len = slot, n
             seq.stream.reused_prefix = n
             self.stats.prefill_tokens_saved += n
@@ -336,8 +403,13 @@ class Engine:
 
     def _plan(self) -> StepPlan:
         views = []
-        for seq in self._live.values():
-            ahead = seq.req.audio_ahead_ms() if seq.req.audio_ahead_ms is not None else 0.0
+        for seq in list(self._live.values()):
+            try:
+                ahead = seq.req.audio_ahead_ms() if seq.req.audio_ahead_ms is not None else 0.0
+            except Exception as exc:  # the request's own callback (its pacer): it fails alone
+                log.exception("audio_ahead_ms of sequence %d failed", seq.seq_id)
+                self._fail(seq, f"{type(exc).__name__}: {exc}")
+                continue
             # Prefill computes every prompt token but the last; the decode step consumes that one.
             views.append(SeqView(seq.seq_id, seq.req.session_id, seq.req.brain, len(seq.tokens) - 1 - seq.kv_len,
                                  ahead, seq.last_step, seq.arrival))
@@ -370,13 +442,20 @@ class Engine:
         if seqs:
             self.stats.decode_tokens += len(seqs)
             self.stats.max_batch = max(self.stats.max_batch, len(seqs))
+            self.stats.batch_size.observe(len(seqs))
             # One batched argmax (a single device->host sync on GPU) for all greedy rows.
             greedy = logits.argmax(dim=-1).tolist()
             for row, seq in enumerate(seqs):
                 seq.kv_len += 1
                 seq.last_step = next(self._served)
                 t = seq.req.temperature
-                self._accept(seq, greedy[row] if t <= 0 else self._sample(logits[row], t))
+                try:
+                    token = greedy[row] if t <= 0 else self._sample(logits[row], t)
+                except Exception as exc:  # one row's sampling (NaN logits, a bad temperature): that row only
+                    log.exception("sampling sequence %d failed", seq.seq_id)
+                    self._fail(seq, f"{type(exc).__name__}: {exc}")
+                    continue
+                self._accept(seq, token)
 
     def _prefilled(self, chunks: list[tuple[_Seq, int, list[int]]]) -> None:
         for seq, _, chunk in chunks:

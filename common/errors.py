@@ -21,4 +21,5 @@ class SessionError(DuetError):
 
 
 class EngineError(DuetError):
-    """Fatal for the engine: every request in flight fails with it."""
+    """A generation request failed: by its own fault (its callback, its sampling) or in a failed engine step it
+    ran in. It ends that request's response; the engine goes on serving the others."""

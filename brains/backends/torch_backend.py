@@ -35,6 +35,7 @@ class TorchBackend:
         self.model = model
         self.slots = slots
         self.max_len = model.max_len
+        self.vocab = model.spec.vocab_size  # the engine refuses prompts with ids outside it
         self.device = model.device
         self.logits_on_device = logits_on_device
         self.graphs: GraphedDecoder | None = None

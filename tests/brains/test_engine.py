@@ -443,6 +443,75 @@ async def test_failure_mid_stream_keeps_tokens_already_delivered(make_engine: Ma
     assert await collect(engine.submit(req([3, 2, 1], max_new=4))) == reference([3, 2, 1], 4)
 
 
+async def test_a_failed_step_fails_only_the_sequences_it_ran(make_engine: MakeEngine) -> None:
+    # One decode row a step: the failing forward carries one of the two sequences; the other goes on.
+    engine, backend = make_engine(FakeBackend(slots=4), cfg=replace(DEFAULT_CFG, max_batch=1), start=False)
+    backend.pause()
+    engine.start()
+    a = engine.submit(req([1, 2, 3], max_new=6))
+    b = engine.submit(req([4, 5], max_new=6))
+    backend.allow(2)  # step 1: both prefills, one decode row
+    assert await asyncio.to_thread(backend.wait_blocked)
+    backend.fail_next = RuntimeError("one row broke")
+    backend.resume()
+    results = await asyncio.gather(collect(a), collect(b), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, EngineError)]
+    assert len(failed) == 1 and "one row broke" in str(failed[0])
+    survivor, prompt = (results[1], [4, 5]) if results[0] is failed[0] else (results[0], [1, 2, 3])
+    assert survivor == reference(prompt, 6)
+    assert engine.stats.failed_steps == 1 and engine.stats.failed_requests == 1
+
+
+async def test_a_request_whose_own_callback_raises_fails_alone(make_engine: MakeEngine) -> None:
+    def broken_pacer() -> float:
+        raise KeyError("pacer state")
+
+    engine, backend = make_engine(FakeBackend(slots=4), start=False)
+    bad = engine.submit(req([1, 2, 3], max_new=8, audio_ahead_ms=broken_pacer))
+    good = engine.submit(req([4, 5, 6], max_new=8, audio_ahead_ms=lambda: 100.0))
+    engine.start()
+    with pytest.raises(EngineError, match="pacer state"):
+        await collect(bad)
+    assert await collect(good) == reference([4, 5, 6], 8)
+    assert engine.stats.failed_requests == 1 and engine.stats.failed_steps == 0
+    assert await collect(engine.submit(req([1, 2, 3], max_new=3))) == reference([1, 2, 3], 3)
+    assert not backend.misuse
+
+
+async def test_a_row_whose_sampling_fails_fails_alone(make_engine: MakeEngine) -> None:
+    engine, _ = make_engine(FakeBackend(slots=4), start=False)
+    bad = engine.submit(req([1, 2, 3], max_new=8, temperature=float("nan")))  # NaN probabilities
+    good = engine.submit(req([4, 5, 6], max_new=8))
+    engine.start()
+    with pytest.raises(EngineError):
+        await collect(bad)
+    assert await collect(good) == reference([4, 5, 6], 8)
+
+
+async def test_a_prompt_outside_the_vocabulary_is_refused_at_submit(make_engine: MakeEngine) -> None:
+    engine, backend = make_engine(FakeBackend(slots=2))
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.submit(req([1, backend.vocab, 3]))
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.submit(req([-1, 2]))
+    assert await collect(engine.submit(req([1, 2, 3], max_new=4))) == reference([1, 2, 3], 4)
+
+
+async def test_stats_count_steps_batches_and_queue(make_engine: MakeEngine) -> None:
+    engine, _ = make_engine(FakeBackend(slots=4))
+    streams = [engine.submit(req([i, i + 1], max_new=5)) for i in (1, 10, 20)]
+    for s in streams:
+        await collect(s)
+    st = engine.stats
+    assert sum(st.step_seconds.counts) == st.steps > 0
+    assert st.step_seconds.cumulative()[-1] == (float("inf"), st.steps)
+    assert st.batch_size.total == st.decode_tokens == 15
+    assert max(b for b, n in zip((*st.batch_size.bounds, float("inf")), st.batch_size.counts, strict=True)
+               if n) >= 2  # the three were batched
+    await asyncio.sleep(0.05)
+    assert st.waiting == 0 and st.live == 0
+
+
 # ---------------------------------------------------------------- one forward per step
 
 
