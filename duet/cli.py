@@ -8,16 +8,30 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+from typing import TYPE_CHECKING
 
+from common import logs
 from common.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from realtime.runtime import Runtime
 
 
 def _serve(args: argparse.Namespace) -> int:
     from realtime.runtime import Runtime
-    from realtime.transports.websocket import serve_forever
+    from realtime.transports.auth import Authenticator, server_ssl_context
 
-    config = load_config(args.config, args.set)
+    tls = [f"server.{name}={json.dumps(path)}" for name, path in (("tls_cert_file", args.tls_cert),
+                                                                   ("tls_key_file", args.tls_key)) if path]
+    config = load_config(args.config, [*args.set, *tls])
+    # Before ~20 s of model loading: an open server on a public address must not start at all.
+    Authenticator(config.auth, os.environ).check_bind(args.host or config.server.host)
+    server_ssl_context(config.server.tls_cert_file, config.server.tls_key_file)
+    log_format = args.log_format or config.server.log_format
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO, log_format)
+    _quiet_libraries()
     print(f"loading models ({config.llm.model} on {config.llm.device}, whisper {config.asr.model}, "
           f"pacing {config.mind.mode})...", flush=True)
     runtime = Runtime.load(config)
@@ -25,10 +39,47 @@ def _serve(args: argparse.Namespace) -> int:
     port = config.server.port if args.port is None else args.port
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve_forever(runtime, host, port))
+            asyncio.run(_serve_until_stopped(runtime, host, port))
     finally:
         runtime.close()
     return 0
+
+
+async def _serve_until_stopped(runtime: Runtime, host: str, port: int) -> None:
+    """Serve until SIGTERM or SIGINT, then drain (realtime/lifecycle.py): refuse new sessions, let replies in
+    flight finish for up to `server.shutdown_grace_seconds`, close the rest with 1001, and return, so the
+    process exits 0. A second signal cuts the grace period short."""
+    from realtime import metrics, transcripts
+    from realtime.transports.websocket import DuetServer
+
+    server = DuetServer(runtime)
+    lifecycle = server.lifecycle
+
+    def on_signal() -> None:
+        if lifecycle.draining:
+            lifecycle.grace_seconds = 0.0  # asked twice: stop waiting for replies
+        lifecycle.request_stop()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    await server.start(host, port)
+    if runtime.config.server.metrics_port:
+        metrics.serve_port(metrics.attach(runtime), host, runtime.config.server.metrics_port)
+    print(f"listening on {server.scheme}://{host}:{server.port}/v1/realtime", flush=True)
+    await lifecycle.stopped()
+    try:
+        await lifecycle.drain()  # while the port still answers: /readyz 503, new sessions 503
+    finally:
+        await server.close()  # closes the sessions left with 1001 (going away)
+        log_ = transcripts.attach(runtime)
+        if log_ is not None:
+            await asyncio.to_thread(log_.close)  # every finished turn on disk before exit
+    print("stopped", flush=True)
+
+
+def _quiet_libraries() -> None:
+    logging.getLogger("faster_whisper").setLevel(logging.WARNING)
 
 
 def _talk(args: argparse.Namespace) -> int:
@@ -67,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one config value (repeatable), e.g. --set mind.mode='\"tbs\"'")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--tls-cert", default=None, metavar="PEM", help="serve https/wss with this certificate "
+                       "(server.tls_cert_file); API keys come from DUET_API_KEYS or [auth] api_keys")
+    serve.add_argument("--tls-key", default=None, metavar="PEM", help="the certificate's private key "
+                       "(server.tls_key_file)")
+    serve.add_argument("--log-format", default=None, choices=["text", "json"],
+                       help="log records as text lines or one JSON object each (default: server.log_format)")
     serve.set_defaults(func=_serve)
 
     talk = sub.add_parser("talk", help="speak a WAV file to a server and save the spoken reply")
@@ -100,9 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faster_whisper").setLevel(logging.WARNING)
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO)
+    _quiet_libraries()
     try:
         return int(args.func(args))
     except ConfigError as exc:
