@@ -14,13 +14,27 @@ import torch
 
 from brains.backends.decoder import DecoderLM
 
+# fbgemm multiplies u8 activations by s8 weights. Its AVX2 and AVX-512 kernels for CPUs without VNNI add
+# each adjacent pair of products in int16 (vpmaddubsw), which saturates once |a1*w1 + a2*w2| > 32767; the
+# VNNI kernels add in int32. With full-range activations (u8 0..255, zero near 128) and weights up to 127 a
+# pair reaches 64770, so the same model gave different logits per CPU: KL to float32 0.040 with VNNI, 0.081
+# without (tests/brains/test_decoder.py has the numbers). Weights capped at +-63 keep every pair within
+# 255 * 63 * 2 = 32130, so every ISA computes the exact int32 sums. reduce_range=True (7-bit activations)
+# would do the same but costs three times the KL: activations carry the larger share of the error.
+_WEIGHT_QMAX = 63.0
+# A decode step (a row or two) is bound by reading the weights: fbgemm takes the same time for up to ~4 rows.
+# There each row goes in as its positive and its negative part (two rows, both >= 0), so zero maps to u8 0
+# and each sign gets all 255 levels: a ninth bit of activation precision for free. Prefill chunks (many
+# rows, compute-bound) would pay double for it and keep the single-row form.
+_SPLIT_MAX_ROWS = 2
+
 
 class Int8Linear:
-    """Callable `x @ W.T + b` with W stored as packed per-channel int8."""
+    """Callable `x @ W.T + b` with W stored as packed per-channel int8 (7-bit range, see _WEIGHT_QMAX)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         w = weight.detach().float().contiguous()
-        scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-8).double()
+        scale = (w.abs().amax(dim=1) / _WEIGHT_QMAX).clamp_min(1e-8).double()
         zero = torch.zeros(w.shape[0], dtype=torch.long)
         with warnings.catch_warnings():  # quantized tensor constructors are marked deprecated in torch 2.13
             warnings.simplefilter("ignore")
@@ -36,7 +50,14 @@ class Int8Linear:
         # activations (attention sinks) and would crush every other row to zero, so give each row its own
         # scale: W(x) = s * W(x / s) for a linear map.
         scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-6)
-        y = torch.ops.quantized.linear_dynamic((rows / scale).contiguous(), self.packed) * scale
+        unit = rows / scale
+        m = unit.shape[0]
+        if m <= _SPLIT_MAX_ROWS:  # W(x) = W(max(x, 0)) - W(max(-x, 0))
+            halves = torch.cat((unit.clamp_min(0.0), (-unit).clamp_min(0.0)))
+            both = torch.ops.quantized.linear_dynamic(halves, self.packed, reduce_range=False)
+            y = (both[:m] - both[m:]) * scale
+        else:
+            y = torch.ops.quantized.linear_dynamic(unit.contiguous(), self.packed, reduce_range=False) * scale
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
