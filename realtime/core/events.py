@@ -12,6 +12,7 @@ for them gets them.
 from __future__ import annotations
 
 import binascii
+import collections
 import itertools
 import secrets
 from typing import Any, Literal
@@ -361,12 +362,26 @@ class TurnMetrics(ServerEvent, kw_only=True, tag="duet.turn.metrics"):
     metrics: dict[str, float | int | str | None]
 
 
+class ResponseResumed(ServerEvent, kw_only=True, tag="duet.response.resumed"):
+    """A barge-in proved false (noise or only a backchannel): the user item of that turn is deleted and
+    the cut reply goes on in the new response `response_id`, whose item `item_id` speaks the words of
+    `cut_item_id` the user did not hear (a Duet extension; comes just before that response.created)."""
+
+    response_id: str
+    item_id: str
+    cut_response_id: str
+    cut_item_id: str
+    interruption_item_id: str
+    transcript: str  # what the interruption was heard as: "" (noise) or the backchannel
+
+
 # Duet's own events, by the short name a client opts in with: `session.update {session: {duet: {events:
 # [...]}}}` or `?duet_events=...` on the WebSocket URL ("all" for every one).
 DUET_EVENTS = {
     "thought": "duet.thought.delta",
     "turn_metrics": "duet.turn.metrics",
     "input_transcript": "duet.input_transcript.partial",
+    "resumed": "duet.response.resumed",
 }
 
 
@@ -438,7 +453,13 @@ def status_details(status: str, reason: str | None) -> dict[str, Any] | None:
     return details
 
 
+# Every error event of the process by code: each one is built here just before it is emitted, so this is the one
+# place to count them (exported as duet_errors_total by realtime/metrics.py). Updated on the event loop only.
+ERROR_COUNTS: collections.Counter[str] = collections.Counter()
+
+
 def error_event(err: SessionError) -> Error:
+    ERROR_COUNTS[err.code or "unknown"] += 1
     return Error(error=ErrorDetail(type=err.type, code=err.code, message=err.message, param=err.param,
                                    event_id=err.event_id))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from common.config import BargeInConfig
-from realtime.speech_in.barge_in import decide
+from realtime.speech_in.barge_in import decide, is_false_interruption
 
 CFG = BargeInConfig(min_speech_ms=250, guard_window_ms=1500, guard_min_speech_ms=600, echo_margin_db=12.0)
 LOUD, FAR = 0.1, 0.1
@@ -33,3 +33,24 @@ def test_no_reply_audio_means_no_echo_test_and_no_window() -> None:
 def test_echo_test_can_be_disabled() -> None:
     off = BargeInConfig(echo_margin_db=0.0)
     assert decide(off, 5000, 5000, 0.0001, FAR) == "interrupt"
+
+
+def test_no_words_or_only_backchannels_are_a_false_interruption() -> None:
+    cfg = BargeInConfig()
+    for heard in ["", "  ", "(coughs)", "[BLANK_AUDIO]", "Mm-hmm.", "MMM.", "Mhm", "Uh huh.", "Yeah, okay.",
+                  "I see.", "Hmmm, right."]:
+        assert is_false_interruption(cfg, heard), heard
+
+
+def test_any_other_word_makes_a_real_turn() -> None:
+    cfg = BargeInConfig()
+    for heard in ["Stop.", "Yeah, stop.", "Okay, but what time is it?", "Wait", "see", "No."]:
+        assert not is_false_interruption(cfg, heard), heard
+
+
+def test_the_backchannel_list_is_configurable() -> None:
+    cfg = BargeInConfig(backchannels=("d'accord", "go on"))
+    assert is_false_interruption(cfg, "Go on.")
+    assert is_false_interruption(cfg, "D'accord, go on")
+    assert not is_false_interruption(cfg, "Yeah.")  # not on this list
+    assert not is_false_interruption(cfg, "Go.")  # half a phrase is not the phrase
