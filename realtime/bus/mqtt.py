@@ -4,8 +4,11 @@ JSON; control of live sessions; and tools the server runs over MQTT (`[[mqtt.too
 Topics, under `<prefix>/<server_id>` (default prefix `duet`):
 
 - `presence` (retained): `{status: "online", sessions, capacity, url, dropped, timestamp}`, refreshed every
-  `presence_interval_s` and when a session starts or ends; the broker publishes the last will
-  `{status: "offline"}` there if the process dies, and `close` publishes it on a clean shutdown.
+  `presence_interval_s` and when a session starts or ends; `status` is `"draining"` once `set_status` says
+  so (a SIGTERM: routers stop sending clients); the broker publishes the last will `{status: "offline"}`
+  there if the process dies, and `close` publishes it on a clean shutdown. `url` is `mqtt.url` where set
+  (the address clients reach this server at, e.g. behind NAT), else the URL it listens on.
+  `duet route` (realtime/bus/router.py) reads these to send new connections to the least-loaded server.
 - `sessions/<session_id>/<kind>`, one message per event, each with `server_id`, `session_id`, `timestamp`:
   `lifecycle` (`event`: started | ended), `transcript/user` (`item_id`, `text`), `transcript/assistant`
   (`item_id`, `text` as heard: at response.done, and again with `truncated: true` when the client's
@@ -87,6 +90,7 @@ class MqttBus:
         self.server_id = _UNSAFE.sub("_", self.cfg.server_id or socket.gethostname())
         self.base = f"{self.cfg.topic_prefix}/{self.server_id}"
         self.url = ""
+        self.status = "online"  # or "draining": still serving its sessions, taking no new ones
         self.tools: dict[str, MqttToolConfig] = {t.name: t for t in self.cfg.tools}
         self.dropped = 0  # events dropped because the queue was full (broker slow or away)
         self.published = 0
@@ -101,7 +105,7 @@ class MqttBus:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(self, url: str = "") -> MqttBus:
-        self.url = url
+        self.url = self.cfg.url or url
         if self not in self.rt.session_observers:
             self.rt.session_observers.append(self)
         if self.tools:
@@ -140,13 +144,18 @@ class MqttBus:
 
     def _presence(self, status: str) -> dict[str, Any]:
         body: dict[str, Any] = {"server_id": self.server_id, "status": status, "timestamp": round(time.time(), 3)}
-        if status == "online":
+        if status != "offline":
             body.update(sessions=len(self.rt.sessions), capacity=self.rt.config.server.max_sessions, url=self.url,
                         dropped=self.dropped)
         return body
 
     def _announce(self) -> None:
-        self.publish(self.presence_topic, self._presence("online"), retain=True)
+        self.publish(self.presence_topic, self._presence(self.status), retain=True)
+
+    def set_status(self, status: str) -> None:
+        """Say `draining` (or `online` again) in the presence now, not at the next refresh."""
+        self.status = status
+        self._announce()
 
     # ---- the queue: the voice path's side ------------------------------------------------------
     def publish(self, topic: str, payload: dict[str, Any], retain: bool = False) -> None:
@@ -259,7 +268,7 @@ class MqttBus:
             await client.subscribe(self.session_topic("+", "control"), qos=1)
         for topic in {t.reply_topic for t in self.tools.values()}:
             await client.subscribe(topic, qos=1)
-        await client.publish(self.presence_topic, json.dumps(self._presence("online")), qos=1, retain=True)
+        await client.publish(self.presence_topic, json.dumps(self._presence(self.status)), qos=1, retain=True)
         self._client = client
         self.connections += 1
         self.connected.set()
