@@ -1,4 +1,4 @@
-"""`duet`: serve the realtime API, or talk to a server from a WAV file."""
+"""`duet`: serve the realtime API, route connections among servers, or talk to a server from a WAV file."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common import logs
@@ -50,6 +52,7 @@ async def _serve_until_stopped(runtime: Runtime, host: str, port: int) -> None:
     flight finish for up to `server.shutdown_grace_seconds`, close the rest with 1001, and return, so the
     process exits 0. A second signal cuts the grace period short."""
     from realtime import metrics, transcripts
+    from realtime.bus import mqtt as mqtt_bus
     from realtime.transports.websocket import DuetServer
 
     server = DuetServer(runtime)
@@ -66,12 +69,20 @@ async def _serve_until_stopped(runtime: Runtime, host: str, port: int) -> None:
     await server.start(host, port)
     if runtime.config.server.metrics_port:
         metrics.serve_port(metrics.attach(runtime), host, runtime.config.server.metrics_port)
-    print(f"listening on {server.scheme}://{host}:{server.port}/v1/realtime", flush=True)
+    url = f"{server.scheme}://{host}:{server.port}/v1/realtime"
+    # A wildcard address is no place to send a client: presence names this host (or mqtt.url where set).
+    bus = await mqtt_bus.start(runtime, url.replace(f"//{host}:", f"//{socket.getfqdn()}:")
+                               if host in ("0.0.0.0", "::", "") else url)  # None unless [mqtt] enabled
+    print(f"listening on {url}", flush=True)
     await lifecycle.stopped()
+    if bus is not None:
+        bus.set_status("draining")  # routers stop sending new clients here at once
     try:
         await lifecycle.drain()  # while the port still answers: /readyz 503, new sessions 503
     finally:
         await server.close()  # closes the sessions left with 1001 (going away)
+        if bus is not None:
+            await bus.close()  # presence "offline" (a clean disconnect sends no last will)
         log_ = transcripts.attach(runtime)
         if log_ is not None:
             await asyncio.to_thread(log_.close)  # every finished turn on disk before exit
@@ -96,6 +107,42 @@ def _mic(args: argparse.Namespace) -> int:
 
     return run_mic(MicOptions(url=args.url, pacing=args.pacing, partials_ms=args.partials, seconds=args.seconds,
                               turns=args.turns))
+
+
+def _route(args: argparse.Namespace) -> int:
+    from realtime.bus.router import Router, RouterOptions
+
+    config = load_config(args.config, args.set)
+    options = RouterOptions(stale_after_s=args.stale_after, haproxy_config=args.haproxy_config or "",
+                            haproxy_bind=args.haproxy_bind, haproxy_cert=args.haproxy_cert or "",
+                            reload_command=args.reload_cmd or "")
+
+    async def run() -> int:
+        router = await Router(config.mqtt, options).start()
+        try:
+            if args.once:  # render the proxy's file from the retained presence, and stop
+                try:
+                    await asyncio.wait_for(router.connected.wait(), 10)
+                except TimeoutError:
+                    print(f"duet route: no broker at {config.mqtt.host}:{config.mqtt.port}", file=sys.stderr)
+                    return 1
+                await asyncio.sleep(options.settle_s)
+                await router.write_proxy_config(Path(args.haproxy_config))
+                print(f"{args.haproxy_config}: {len(router.registry.live())} servers", flush=True)
+                return 0
+            port = await router.serve(args.host, args.port)
+            print(f"routing on http://{args.host}:{port}/v1/realtime/route", flush=True)
+            await asyncio.Future()
+        finally:
+            await router.close()
+        return 0
+
+    if args.once and not args.haproxy_config:
+        print("duet route: --once needs --haproxy-config", file=sys.stderr)
+        return 2
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(run())
+    return 0
 
 
 def _export_hf(args: argparse.Namespace) -> int:
@@ -143,6 +190,24 @@ def build_parser() -> argparse.ArgumentParser:
     mic.add_argument("--seconds", type=float, default=None, help="stop after this many seconds")
     mic.add_argument("--turns", type=int, default=None, help="stop after this many replies")
     mic.set_defaults(func=_mic)
+
+    route = sub.add_parser("route", help="send new connections to the least-loaded of the servers on an MQTT "
+                                         "broker (docs/scale-out.md)")
+    route.add_argument("--config", default=None, help="TOML config whose [mqtt] names the broker")
+    route.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config value (repeatable), e.g. --set mqtt.host='\"broker\"'")
+    route.add_argument("--host", default="127.0.0.1")
+    route.add_argument("--port", type=int, default=8780)
+    route.add_argument("--stale-after", type=float, default=30.0, metavar="S",
+                       help="forget a server not heard from for S seconds (3 presence intervals)")
+    route.add_argument("--haproxy-config", default=None, metavar="PATH",
+                       help="keep an HAProxy configuration of the live servers here (leastconn)")
+    route.add_argument("--haproxy-bind", default=":8765", help="the HAProxy frontend's bind address")
+    route.add_argument("--haproxy-cert", default=None, metavar="PEM", help="HAProxy terminates TLS with this")
+    route.add_argument("--reload-cmd", default=None, metavar="CMD",
+                       help="run after each rewrite of the HAProxy file, e.g. 'systemctl reload haproxy'")
+    route.add_argument("--once", action="store_true", help="write the HAProxy file once and exit")
+    route.set_defaults(func=_route)
 
     export = sub.add_parser("export-hf", help="write the LLM (default: the bundled SmolLM2 GGUF) as a Hugging Face "
                                               "safetensors folder, e.g. for the vLLM backend")

@@ -17,8 +17,13 @@ LAYERS: dict[str, int] = {
     "realtime.speech_in": 2,
     "realtime.runtime": 3,
     "realtime.core": 4,
-    "realtime.transports": 5,
-    "duet": 6,
+    # Operations of a server process: metrics, lifecycle (drain), transcripts. They watch the core's sessions and
+    # turns; the transports serve them.
+    "realtime.metrics": 5, "realtime.lifecycle": 5, "realtime.transcripts": 5,
+    # The MQTT event and control bus: watches sessions and acts on them like a client; the server starts it.
+    "realtime.bus": 5,
+    "realtime.transports": 6,
+    "duet": 7,
 }
 PACKAGES = ("common", "brains", "tts", "clients", "realtime", "duet")
 

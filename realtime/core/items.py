@@ -28,6 +28,17 @@ class ItemHandlers:
 
     async def _on_ConversationItemCreate(self, e: ev.ConversationItemCreate) -> None:
         item, audio = _item_from_protocol(e.item, e.event_id, self.s)
+        if self.s.history.has(item.id):
+            raise SessionError(f"item {item.id} already exists", code="item_id_already_exists", param="item.id",
+                               event_id=e.event_id)
+        if self.s.history.full:
+            # Refused, not evicted: a client adding items should learn that the conversation is full (turns
+            # and replies, which nobody could refuse, evict the oldest instead).
+            self.s.log.warning("conversation.item.create refused: %d items", len(self.s.history.items))
+            raise SessionError(f"the conversation holds at most {self.s.history.max_items} items: delete some first",
+                               code="conversation_item_limit_exceeded", event_id=e.event_id)
+        if audio is not None:
+            self.s.admit_audio(len(audio) / audio_codec.SPEECH_RATE, e.event_id)
         if item.type == "function_call_output" and self.s.history.find_call(item.call_id) is None:
             raise SessionError(f"no function_call with call_id {item.call_id!r} in the conversation",
                                code="invalid_value", param="item.call_id", event_id=e.event_id)

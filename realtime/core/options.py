@@ -23,6 +23,15 @@ class ResponseOptions:
     turn_committed_at: float | None = None
     transcribed_at: float | None = None
     speech_end_ms: int | None = None
+    # Set when the response resumes a reply cut by a false interruption: it speaks this text (the words the
+    # user did not hear) as it was written, and no brain runs. `continues` is the cut item's id.
+    resume_text: str | None = None
+    continues: str = ""
+    resume_writing: bool = False  # the cut reply was still being written: the brain goes on after resume_text
+    # The offered functions the server runs itself (`Runtime.server_tools`), and how many rounds of their
+    # results led to this response (Session._run_server_tools bounds the chain).
+    server_tools: frozenset[str] = frozenset()
+    server_tool_round: int = 0
 
     @classmethod
     def parse(cls, raw: dict[str, Any], settings: SessionSettings, event_id: str | None = None) -> ResponseOptions:
@@ -34,6 +43,9 @@ class ResponseOptions:
                 raw.get("max_output_tokens", raw.get("max_response_output_tokens", settings.max_output_tokens)))
             instructions = params.instructions(raw.get("instructions", settings.instructions))
             tools = params.tools(raw.get("tools", settings.tools))
+            # The server's own functions join the client's, which win a name both offer.
+            server = [t for t in settings.server_tools if t["name"] not in {c["name"] for c in tools}]
+            tools += server
             choice = params.tool_choice(raw.get("tool_choice", settings.tool_choice), tools)
         except params.InvalidParam as exc:
             raise SessionError(str(exc), code="invalid_value", param=f"response.{exc.param}",
@@ -41,7 +53,7 @@ class ResponseOptions:
         return cls(instructions=instructions, modalities=tuple(mods), pacing=pacing,
                    max_output_tokens=None if limit == "inf" else int(limit),
                    conversation="none" if raw.get("conversation", "auto") == "none" else "auto",
-                   tools=tuple(tools), tool_choice=choice)
+                   tools=tuple(tools), tool_choice=choice, server_tools=frozenset(t["name"] for t in server))
 
     @property
     def offered_tools(self) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ events can never again disagree on what is valid (they once did on `max_output_t
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 from common.config import PACING_MODES, PacingMode
@@ -32,6 +33,42 @@ def max_output_tokens(value: Any, key: str = "max_output_tokens") -> int | str:
     if value != "inf" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise InvalidParam(key, f"{key} must be a positive integer or 'inf'")
     return cast("int | str", value)
+
+
+# The protocol's documented range for `temperature` (beta sessions; GA has none). Duet's brains decode with
+# `llm.temperature`; the session's value is validated and reported, so a client sees what OpenAI would accept.
+TEMPERATURE_RANGE = (0.6, 1.2)
+
+
+def _number(value: Any, key: str) -> float:
+    """A finite JSON number (not a bool: `true` is not 1 here)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidParam(key, f"{key} must be a finite number")
+    return float(value)
+
+
+def temperature(value: Any) -> float:
+    low, high = TEMPERATURE_RANGE
+    number = _number(value, "temperature")
+    if not low <= number <= high:
+        raise InvalidParam("temperature", f"temperature must be within [{low}, {high}]")
+    return number
+
+
+def threshold(value: Any, key: str = "turn_detection.threshold") -> float:
+    number = _number(value, key)
+    if not 0.0 < number < 1.0:
+        raise InvalidParam(key, f"{key} must be between 0 and 1")
+    return number
+
+
+def duration_ms(value: Any, key: str, maximum: int) -> int:
+    """A turn-detection timing: whole milliseconds within [0, maximum] (`[limits]`: the VAD holds
+    prefix_padding_ms of audio while idle, and a long silence_duration_ms never ends a turn)."""
+    number = _number(value, key)
+    if not 0 <= number <= maximum:
+        raise InvalidParam(key, f"{key} must be within [0, {maximum}] ms")
+    return int(number)
 
 
 def instructions(value: Any) -> str | None:

@@ -23,9 +23,14 @@ from common import audio as audio_codec
 from common.errors import DuetError, SessionError
 from common.playback import PlaybackClock
 from realtime.core import events as ev
+from realtime.runtime import TurnReport
 from tts.chunker import SentenceChunker
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from brains.pacer import PacerEvent
+    from common.config import LlmConfig
     from realtime.core.context import SessionContext
     from realtime.core.options import ResponseOptions
     from realtime.core.prefetch import Prefetch
@@ -42,12 +47,14 @@ class Response:
         self.prefetch = prefetch
         self.id = ev.new_id("resp")
         self.item = Item(id=ev.new_id("item"), role="assistant", audio="audio" in options.modalities,
-                         status="in_progress")
+                         status="in_progress", continues=options.continues)
         self.playback = prefetch.playback if prefetch is not None else PlaybackClock()
         self.done = False
+        self.written = False  # the brain finished writing the reply (else it was stopped first)
         self.status = "in_progress"
         self.status_reason: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self._cancelled_early: str | None = None
         self._pacer: MindPacer | None = None
         self.metrics: dict[str, Any] = {"pacing": options.pacing}
         self.first_audio_at: float | None = None
@@ -66,6 +73,11 @@ class Response:
 
     def cancel(self, reason: str) -> None:
         if self.done:
+            return
+        if self._task is None:
+            # Not started yet (response.cancel right after response.create): `run` announces the response,
+            # then ends it at once, cancelled.
+            self._cancelled_early = reason
             return
         self.status, self.status_reason = "cancelled", reason
         if self._pacer is not None:
@@ -87,6 +99,11 @@ class Response:
         """Level of the reply audio sent so far (the far end, for the echo test of barge-in)."""
         return float(np.sqrt(self._out_energy / self._out_samples)) if self._out_samples else 0.0
 
+    @property
+    def function_calls(self) -> list[Item]:
+        """The function calls this response made, in order."""
+        return [item for item in self._output if item.type == "function_call"]
+
     def audible(self) -> bool:
         """Is reply audio (possibly) coming out of the client's speaker now?"""
         return self.first_audio_at is not None and (not self.done or self.playback.ahead_ms() > 0)
@@ -99,6 +116,9 @@ class Response:
         emit(s.rate_limits())
         speech = _Speech(self) if self.item.audio else None
         try:
+            if self._cancelled_early is not None:
+                self.status, self.status_reason = "cancelled", self._cancelled_early
+                return
             await self._think_and_speak(speech)
             self.status = "completed"
         except asyncio.CancelledError:
@@ -108,9 +128,15 @@ class Response:
             self.status, self.status_reason = "failed", str(exc)
             emit(ev.error_event(SessionError(f"response failed: {exc}", code="response_failed",
                                              type="server_error")))
+        except Exception as exc:  # a bug or a library error in this response only (a prompt, a tokenizer)
+            s.log.exception("response %s failed", self.id, extra={"response_id": self.id})
+            self.status, self.status_reason = "failed", f"internal error: {type(exc).__name__}"
+            emit(ev.error_event(SessionError(f"response failed: internal error ({type(exc).__name__})",
+                                             code="response_failed", type="server_error")))
         finally:
             if speech is not None:
                 speech.stop()
+                self.item.unsent = speech.unsent()  # before _finish cuts the item: part of what went unheard
             self._finish()
 
     def _open_message(self) -> None:
@@ -149,7 +175,14 @@ class Response:
         llm = rt.config.llm
         if opts.max_output_tokens is not None:
             llm = dataclasses.replace(llm, max_reply_tokens=min(llm.max_reply_tokens, opts.max_output_tokens))
-        if self.prefetch is not None:
+        if opts.resume_text is not None:
+            resumed = self._resume(opts.resume_text, speech, llm)
+            if resumed is None:  # nothing more to write
+                if speech is not None:
+                    await speech.finish()
+                return
+            source = resumed
+        elif self.prefetch is not None:
             self._pacer = self.prefetch.pacer
             source = self.prefetch.events()
             self.metrics["prefetched"] = True
@@ -172,7 +205,8 @@ class Response:
                 if speech is not None:
                     speech.push(event.text)
             elif isinstance(event, PacerDone):
-                self.item.text = event.reply
+                self.written = True
+                self.item.text = " ".join(t for t in (opts.resume_text, event.reply) if t)
                 st = event.stats
                 if st.fb_finished is not None:
                     self.metrics["fb_finished_ms"] = round((st.fb_finished - self._t0) * 1000, 1)
@@ -183,6 +217,34 @@ class Response:
                                     prefill_reused=st.prefill_reused)
         if speech is not None:
             await speech.finish()
+
+    def _resume(self, text: str, speech: _Speech | None, llm: LlmConfig) -> AsyncIterator[PacerEvent] | None:
+        """A reply cut by a false interruption goes on. First the words the user did not hear, as written (one
+        transcript delta, as a brain that wrote them all at once would send); then, if the cut reply was still
+        being written, the articulation brain writes on after all of it (the pacer's events, returned)."""
+        self.metrics["resumed"] = True
+        self._open_message()
+        if text:
+            self.item.text = text
+            cls = ev.AudioTranscriptDelta if self.item.audio else ev.TextDelta
+            self.session.emit(cls(response_id=self.id, item_id=self.item.id, delta=text))
+            if speech is not None:
+                speech.push(text)
+        messages = self.session.history.messages()
+        if not self.options.resume_writing or not messages or messages[-1].role != "assistant":
+            self.written = True
+            return None
+        # This item continues the cut one, so the history's last message is the whole reply so far
+        # (`Conversation.messages` joins them): the prefix the brain writes on from.
+        prefix = messages[-1].content
+        budget = llm.max_reply_tokens - len(self.session.rt.prompts.encode(prefix))
+        if budget <= 0:  # the cut reply had already written as much as it could
+            self.written = True
+            return None
+        nothink = dataclasses.replace(self.options, pacing="nothink", tools=())
+        self._pacer = self.session.new_pacer(nothink, self.playback, dataclasses.replace(llm, max_reply_tokens=budget),
+                                             reply_prefix=prefix)
+        return self._pacer.run(self.session.conversation_ids(messages[:-1], nothink, thinking=False))
 
     def _conversation_ids(self, thinking: bool) -> list[int]:
         # This response's own item is already in the history, still empty, and messages() skips it.
@@ -226,7 +288,22 @@ class Response:
                  "output_token_details": {"reasoning_tokens": self.metrics.get("thought_tokens", 0)}}
         output = [item.to_protocol(self.beta) for item in self._output]
         emit(ev.ResponseDone(response=self._protocol(output, usage)))
-        s.log.info("response %s %s: %r %s", self.id, self.status, self.item.text[:80], self.metrics)
+        s.log.info("response %s %s: %r %s", self.id, self.status, self.item.text[:80], self.metrics,
+                   extra={"response_id": self.id, "event": "response.done"})
+        s.rt.turn_finished(self._report())
+
+    def _report(self) -> TurnReport:
+        """This turn for the runtime's observers (metrics, transcripts): the user item it answers is the
+        last user message before this response's item (or the last one at all, out of band)."""
+        items = self.session.history.items
+        end = next((i for i, it in enumerate(items) if it is self.item), len(items))
+        user = next((it for it in reversed(items[:end]) if it.role == "user" and it.type == "message"), None)
+        now = time.time()
+        return TurnReport(session_id=self.session.id, response_id=self.id, status=self.status,
+                          user_item_id=user.id if user is not None else None,
+                          user_text=user.text if user is not None else "", item_id=self.item.id,
+                          assistant_text=self.item.text, started_at=now - (time.perf_counter() - self._t0),
+                          finished_at=now, metrics=dict(self.metrics))
 
     def _protocol(self, output: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
         details = ev.status_details(self.status, self.status_reason)
@@ -241,20 +318,34 @@ class _Speech:
     def __init__(self, response: Response) -> None:
         self.r = response
         rt = response.session.rt
-        self.chunker = SentenceChunker(first_chunk_min_words=rt.config.tts.first_chunk_min_words)
+        tts = rt.config.tts
+        self.chunker = SentenceChunker(first_chunk_min_words=tts.first_chunk_min_words,
+                                       first_chunk_max_words=tts.first_chunk_max_words)
         self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+        # Chunks complete but not yet sent as audio (queued, or in synthesis), oldest first: part of what a
+        # resumed reply says. A sentence the brain was still writing (the chunker's buffer) is not: a resumed
+        # reply has the brain write it anew after these words.
+        self.pending: list[str] = []
         self.task = asyncio.create_task(self._run())
 
     def push(self, text: str) -> None:
         for chunk in self.chunker.push(text):
             self.r.session.log.debug("chunk ready %r at %.0f ms", chunk, (time.perf_counter() - self.r._t0) * 1000)
-            self.queue.put_nowait(chunk)
+            self._queue(chunk)
+
+    def _queue(self, chunk: str) -> None:
+        self.pending.append(chunk)
+        self.queue.put_nowait(chunk)
 
     async def finish(self) -> None:
         for chunk in self.chunker.flush():
-            self.queue.put_nowait(chunk)
+            self._queue(chunk)
         self.queue.put_nowait(None)
         await self.task
+
+    def unsent(self) -> str:
+        """Text written in whole chunks but never sent as audio (the reply was stopped first)."""
+        return " ".join(self.pending)
 
     def stop(self) -> None:
         self.task.cancel()
@@ -266,6 +357,7 @@ class _Speech:
         while (chunk := await self.queue.get()) is not None:
             t0 = time.perf_counter()
             wav = await s.rt.run_in(s.rt.tts_pool, synth.synthesize, chunk)
+            self.pending.pop(0)  # sent below, or silent: either way no longer owed to the listener
             s.log.debug("synthesized %r: %.0f ms of audio in %.0f ms (%.0f ms after commit)", chunk,
                         len(wav) * 1000 / synth.sample_rate, (time.perf_counter() - t0) * 1000,
                         (time.perf_counter() - r._t0) * 1000)

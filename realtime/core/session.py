@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from collections import deque
@@ -21,27 +22,41 @@ from brains.history import Conversation, Item
 from brains.pacer import MindPacer
 from brains.prompts import ChatMessage
 from common import audio as audio_codec
-from common.config import LlmConfig, VadConfig
+from common.config import LlmConfig
 from common.errors import SessionError
 from common.playback import PlaybackClock
 from realtime.core import events as ev
 from realtime.core.items import ItemHandlers
+from realtime.core.limits import Throttled, TokenBucket
 from realtime.core.options import ResponseOptions
 from realtime.core.prefetch import Prefetch
 from realtime.core.response import Response
 from realtime.core.settings import SessionSettings
-from realtime.runtime import Runtime
+from realtime.runtime import Runtime, work_owner
 from realtime.speech_in import barge_in
 from realtime.speech_in.vad import SilenceStarted, SpeechResumed, SpeechStarted, SpeechStopped, TurnEvent, VadSegmenter
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[ev.ServerEvent], None]
+# Rounds of server tool results (MQTT tools) answered by a response that may call tools again.
+MAX_SERVER_TOOL_ROUNDS = 3
 
 
 class SessionLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        # The session id is a record attribute too, merged with the call's own extras (response_id, event),
+        # so the JSON log format (common/logs.py) emits it as a field; text logs keep it as the prefix.
+        kwargs["extra"] = {**self.extra, **(kwargs.get("extra") or {})}  # type: ignore[dict-item]
         return f"[{self.extra['session_id']}] {msg}", kwargs  # type: ignore[index]
+
+
+@dataclasses.dataclass
+class _Cut:
+    """A reply the barge-in guard cut, which goes on if the interrupting turn proves false."""
+
+    response: Response
+    turn_id: str  # the interrupting turn's user item
 
 
 class Session:
@@ -50,12 +65,18 @@ class Session:
     def __init__(self, runtime: Runtime, session_id: str, emit: Emit, beta: bool = False) -> None:
         self.rt = runtime
         self.id = session_id
-        self.emit = emit
+        self.emit = runtime.observe(self, emit)  # the one place observers (the MQTT bus) see our events
         self.log = SessionLog(log, {"session_id": session_id})
         self.settings = SessionSettings.from_config(runtime.config, beta=beta)
-        self.history = Conversation()
+        self.limits = runtime.config.limits
+        self.history = Conversation(self.limits.max_items, on_evict=self._evicted)
+        self._event_bucket = TokenBucket(self.limits.events_per_second, self.limits.event_burst)
+        self._audio_bucket = TokenBucket(self.limits.input_audio_speed, self.limits.input_audio_burst_seconds)
+        self._manual_samples = 0  # in _manual_audio
+        self._throttled = Throttled(self.log)  # warnings of a client over its limits, at most one a second
         self.segmenter = VadSegmenter(runtime.vad, runtime.config.vad,
-                                      max_turn_ms=int(runtime.config.server.max_turn_seconds * 1000))
+                                      max_turn_ms=int(runtime.config.server.max_turn_seconds * 1000),
+                                      turn_model=runtime.smart_turn)
         self._resampler = audio_codec.Resampler(self.settings.input_format.sample_rate, audio_codec.SPEECH_RATE)
         self._odd_byte = b""
         self._audio_in: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -65,6 +86,7 @@ class Session:
         self._unconfirmed: str | None = None  # a turn heard during the reply, not yet judged an interruption
         self._near: deque[tuple[float, int]] = deque(maxlen=25)  # (energy, samples) of recent input chunks
         self._pending_item: str | None = None  # item id of the turn in progress
+        self._cut: _Cut | None = None  # the last barge-in, until its turn is judged real or false
         self.response: Response | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._input_task: asyncio.Task[None] | None = None
@@ -72,6 +94,8 @@ class Session:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
+        # Model work from here on (this task and every task it spawns) queues in the shared pools as ours.
+        work_owner.set(self.id)
         self.emit(ev.SessionCreated(session=self.settings.to_protocol(self.id)))
         self._input_task = asyncio.create_task(self._input_loop(), name=f"{self.id}-input")
 
@@ -83,6 +107,7 @@ class Session:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self.rt.session_closed(self)
 
     def spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=f"{self.id}-{name}")
@@ -100,6 +125,11 @@ class Session:
 
     # ---- client events ------------------------------------------------------------------------
     async def handle(self, event: ev.ClientEvent) -> None:
+        if not self._event_bucket.take():
+            self._throttled.warning("events", "over %s events/s: dropped a %s", self.limits.events_per_second,
+                                    type(event).__name__)
+            raise SessionError(f"more than {self.limits.events_per_second:g} events a second: this event was "
+                               "dropped", code="rate_limit_exceeded", event_id=event.event_id)
         name = "_on_" + type(event).__name__
         handler = getattr(self, name, None) or getattr(self.items, name, None)
         if handler is None:
@@ -114,9 +144,7 @@ class Session:
             self._resampler = audio_codec.Resampler(self.settings.input_format.sample_rate, audio_codec.SPEECH_RATE)
         td = self.settings.turn_detection
         if td is not None:
-            self.segmenter.detector.configure(VadConfig(
-                threshold=td.threshold, prefix_padding_ms=td.prefix_padding_ms,
-                silence_duration_ms=td.silence_duration_ms, min_speech_ms=self.rt.config.vad.min_speech_ms))
+            self.segmenter.detector.configure(td.to_vad(self.rt.config.vad))
         self.emit(ev.SessionUpdated(session=self.settings.to_protocol(self.id)))
 
     async def _on_InputAudioBufferAppend(self, e: ev.InputAudioBufferAppend) -> None:
@@ -131,7 +159,23 @@ class Session:
                     "pcm16 audio must be a whole number of 16-bit samples; the odd trailing byte is held "
                     "for the next append", code="invalid_audio_length", param="audio", event_id=e.event_id)))
         if data:
+            fmt = self.settings.input_format
+            self.admit_audio(len(data) / ((2 if fmt.encoding == "pcm16" else 1) * fmt.sample_rate), e.event_id)
             self._audio_in.put_nowait(data)
+
+    def admit_audio(self, seconds: float, event_id: str | None) -> None:
+        """Input audio may come a little faster than real time (`[limits] input_audio_speed`, after a burst);
+        past that it is refused here, before any of it is queued for the VAD or Whisper."""
+        if not self._audio_bucket.take(seconds):
+            self._throttled.warning("audio", "input audio over %.1fx real time: dropped %.2f s",
+                                    self.limits.input_audio_speed, seconds)
+            raise SessionError(f"input audio arrives faster than {self.limits.input_audio_speed:g}x real time; "
+                               f"{seconds:.2f} s of it was dropped", code="input_audio_rate_exceeded",
+                               event_id=event_id)
+
+    def _evicted(self, item: Item) -> None:
+        self.log.info("conversation at %d items: evicted the oldest, %s", self.limits.max_items, item.id)
+        self.emit(ev.ItemDeleted(item_id=item.id))
 
     async def _on_InputAudioBufferCommit(self, e: ev.InputAudioBufferCommit) -> None:
         await self._audio_drained()
@@ -140,6 +184,7 @@ class Session:
         else:
             audio = np.concatenate(self._manual_audio) if self._manual_audio else np.zeros(0, np.float32)
             self._manual_audio.clear()
+            self._manual_samples = 0
         if len(audio) < audio_codec.SPEECH_RATE // 10:
             raise SessionError("buffer too small: commit needs at least 100 ms of audio",
                                code="input_audio_buffer_commit_empty", event_id=e.event_id)
@@ -154,6 +199,7 @@ class Session:
         await self._audio_drained()
         await self.rt.run_in(self.rt.vad_pool, self.segmenter.reset)
         self._manual_audio.clear()
+        self._manual_samples = 0
         self._pending_item = None
         self.emit(ev.Cleared())
 
@@ -185,7 +231,16 @@ class Session:
             samples = audio_codec.decode(data, self.settings.input_format)
             samples = self._resampler.process(samples)
             if self.settings.turn_detection is None:
+                # Without turn detection nothing ends a turn but the client: hold at most a turn's length.
+                limit_s = self.rt.config.server.max_turn_seconds
+                if self._manual_samples + len(samples) > limit_s * audio_codec.SPEECH_RATE:
+                    self._throttled.warning("buffer", "input buffer full (%.0f s): dropped audio", limit_s)
+                    self.emit(ev.error_event(SessionError(
+                        f"the input audio buffer holds at most {limit_s:g} s: commit or clear it; this audio "
+                        "was dropped", code="input_audio_buffer_full")))
+                    continue
                 self._manual_audio.append(samples)
+                self._manual_samples += len(samples)
                 continue
             self._near.append((float(np.dot(samples, samples)), len(samples)))
             turn_events, snapshot = await self.rt.run_in(self.rt.vad_pool, self._feed_vad, samples)
@@ -202,6 +257,7 @@ class Session:
     def _on_turn_event(self, event: TurnEvent, snapshot: np.ndarray | None) -> None:
         if isinstance(event, SpeechStarted):
             item_id = self._pending_item = ev.new_id("item")
+            self._cut = None  # the user spoke again after the interrupting turn: they have more to say
             self._drop_speculation()
             self._near.clear()
             if self.response is not None and self.response.audible():
@@ -256,6 +312,9 @@ class Session:
                 td = self.settings.turn_detection
                 if audible and td is not None and td.interrupt_response:
                     self.log.info("barge-in: user speech interrupts %s", response.id)
+                    if cfg.resume_false_interruption and response.item.audio:
+                        # Before the cut: the turn may end (and be judged) while `interrupt` waits.
+                        self._cut = _Cut(response, item_id)
                     await self.interrupt("turn_detected", item=response.item, clear=True)
                 return
             await asyncio.sleep(0.04)
@@ -333,6 +392,8 @@ class Session:
         td = self.settings.turn_detection
         if td is None or not td.create_response or not self.rt.config.mind.prefetch_reply or not text.strip():
             return
+        if self._cut is not None and barge_in.is_false_interruption(self.rt.config.barge_in, text):
+            return  # likely a false interruption: the reply will resume, nothing to think about
         messages = [*self.history.messages(), ChatMessage("user", text)]
         if self._prefetch is not None:
             if self._prefetch.matches(text, messages):
@@ -370,19 +431,19 @@ class Session:
             duet={"sessions": sessions, "kv_slots": kv_slots})
 
     # ---- brains -------------------------------------------------------------------------------
-    def new_pacer(self, options: ResponseOptions, playback: PlaybackClock, llm: LlmConfig) -> MindPacer:
+    def new_pacer(self, options: ResponseOptions, playback: PlaybackClock, llm: LlmConfig,
+                  reply_prefix: str = "") -> MindPacer:
         return MindPacer(self.rt.engine, self.rt.prompts, self.rt.config.mind, llm, options.pacing, self.id,
-                         audio_ahead_ms=playback.ahead_ms, tool_prefix=options.tool_prefix)
+                         audio_ahead_ms=playback.ahead_ms, tool_prefix=options.tool_prefix,
+                         reply_prefix=reply_prefix)
 
     def conversation_ids(self, messages: list[ChatMessage], options: ResponseOptions, thinking: bool) -> list[int]:
         """The prompt, dropping the oldest messages until the turn fits the model's cache."""
         cfg = self.rt.config
         reserve = cfg.llm.max_reply_tokens + (cfg.mind.max_thought_tokens if thinking else 0) + 16
-        while True:
-            ids = self.rt.prompts.conversation(messages, options.instructions, thinking, options.offered_tools)
-            if len(ids) + reserve <= cfg.llm.max_seq_len or len(messages) <= 1:
-                return ids[-(cfg.llm.max_seq_len - reserve):]
-            messages = messages[1:]
+        # On the event loop, but cheap: `fit` tokenizes each message once and looks only at those that fit.
+        return self.rt.prompts.fit(messages, cfg.llm.max_seq_len - reserve, options.instructions, thinking,
+                                   options.offered_tools)
 
     def _commit_turn(self, item_id: str, audio: np.ndarray, transcript: asyncio.Future[str] | None,
                      prefetch: Prefetch | None = None, speech_end_ms: int | None = None) -> None:
@@ -403,7 +464,17 @@ class Session:
         self.transcribed(item)
         self.log.info("user said %r (%.0f ms after commit)", text, (transcribed_at - committed_at) * 1000)
         td = self.settings.turn_detection
-        if td is not None and td.create_response and text.strip():
+        cut = self._cut if self._cut is not None and self._cut.turn_id == item.id else None
+        if cut is not None:
+            self._cut = None  # this turn is the barge-in's: judged now, whichever way
+        if cut is not None and td is not None and td.create_response \
+                and self._resumable(cut, text, (transcribed_at - committed_at) * 1000):
+            if prefetch is not None:
+                prefetch.cancel()
+            options = dataclasses.replace(cut.response.options, turn_committed_at=committed_at,
+                                          transcribed_at=transcribed_at, speech_end_ms=speech_end_ms)
+            self._resume(cut, item, options)
+        elif td is not None and td.create_response and text.strip():
             options = ResponseOptions.parse({}, self.settings)
             options = dataclasses.replace(options, turn_committed_at=committed_at,
                                           transcribed_at=transcribed_at, speech_end_ms=speech_end_ms)
@@ -415,6 +486,39 @@ class Session:
         elif prefetch is not None:
             prefetch.cancel()
 
+    # ---- false interruptions -------------------------------------------------------------------
+    def _resumable(self, cut: _Cut, text: str, verdict_ms: float) -> bool:
+        """Does the reply `cut` go on? Its interrupting turn said `text`, judged `verdict_ms` after it ended."""
+        cfg = self.rt.config.barge_in
+        item = cut.response.item
+        if not barge_in.is_false_interruption(cfg, text):
+            return False  # real words: a new turn, answered as usual
+        if verdict_ms > cfg.false_interruption_timeout_ms:
+            self.log.info("false interruption judged %.0f ms after the turn: too late to resume", verdict_ms)
+            return False
+        # Only the latest reply, still in the conversation (the client may have deleted it), and only
+        # when something of it went unheard or was still to be written.
+        in_history = cut.response.options.conversation == "none" or any(i is item for i in self.history.items)
+        more = bool(item.unheard.strip()) or not cut.response.written
+        return self.response is cut.response and cut.response.done and in_history and more
+
+    def _resume(self, cut: _Cut, turn: Item, options: ResponseOptions) -> None:
+        """A false interruption: forget its turn (the model must not answer "mm-hmm") and speak the rest
+        of the cut reply in a new response, announced by `duet.response.resumed`."""
+        cut_item = cut.response.item
+        if any(i is turn for i in self.history.items):
+            self.history.delete(turn.id)
+            self.emit(ev.ItemDeleted(item_id=turn.id))
+        options = dataclasses.replace(options, resume_text=cut_item.unheard, continues=cut_item.id,
+                                      resume_writing=not cut.response.written)
+        response = self.response = Response(self, options)
+        self.emit(ev.ResponseResumed(response_id=response.id, item_id=response.item.id,
+                                     cut_response_id=cut.response.id, cut_item_id=cut_item.id,
+                                     interruption_item_id=turn.id, transcript=turn.text))
+        self.log.info("false interruption %r: %s resumes %s with %r", turn.text, response.id, cut.response.id,
+                      cut_item.unheard[:80])
+        self.spawn(response.run(), "response")
+
     # ---- responses ----------------------------------------------------------------------------
     def start_response(self, options: ResponseOptions, prefetch: Prefetch | None = None) -> None:
         if self.response is not None and not self.response.done:
@@ -422,5 +526,44 @@ class Session:
                 raise SessionError("a response is already in progress", code="conversation_already_has_active_response")
             self.response.cancel("turn_detected")
         self.response = Response(self, options, prefetch)
-        self.spawn(self.response.run(), "response")
+        self.spawn(self._respond(self.response), "response")
+
+    async def _respond(self, response: Response) -> None:
+        await response.run()
+        calls = [c for c in response.function_calls if c.name in response.options.server_tools]
+        if calls and response.status == "completed" and response.options.conversation == "auto":
+            # In a task of its own: `Response.stop` waits for this task, and must not wait for a device.
+            self.spawn(self._run_server_tools(response, calls), "server-tools")
+
+    async def _run_server_tools(self, response: Response, calls: list[Item]) -> None:
+        """Functions the server runs itself (`Runtime.server_tools`, e.g. MQTT tools) that the model called:
+        run them, add each result as a function_call_output item and answer in a new response, as a client
+        would with `function_call_output` items and `response.create`."""
+        outputs = await asyncio.gather(*(self._server_tool(call) for call in calls))
+        for call, output in zip(calls, outputs, strict=True):
+            if self.history.find_call(call.call_id) is None:
+                continue  # the client deleted the call meanwhile (or it was evicted): nothing to answer
+            item = Item(id=ev.new_id("item"), role="user", type="function_call_output", call_id=call.call_id,
+                        text=output)
+            previous = self.history.add(item)
+            self.emit(ev.ItemCreated(previous_item_id=previous, item=item.to_protocol(self.settings.beta)))
+        if self.response is not response:
+            return  # the user spoke meanwhile: the results are in the history that turn's reply reads
+        rounds = response.options.server_tool_round + 1
+        # A forced call has been made (forcing it again would loop), and small models call tools again and
+        # again under "auto": after that many rounds the model must answer in words.
+        forced = response.options.tool_choice != "auto"
+        choice = "none" if forced or rounds >= MAX_SERVER_TOOL_ROUNDS else "auto"
+        self.start_response(dataclasses.replace(response.options, tool_choice=choice, server_tool_round=rounds,
+                                                turn_committed_at=None, transcribed_at=None, speech_end_ms=None))
+
+    async def _server_tool(self, call: Item) -> str:
+        executor = self.rt.server_tools
+        if executor is None:
+            return json.dumps({"error": f"no executor for the server tool {call.name}"})
+        try:
+            return await executor.call(self.id, call.call_id, call.name, call.arguments)
+        except Exception as exc:  # the model hears that the tool failed; the session goes on
+            self.log.exception("server tool %s failed", call.name)
+            return json.dumps({"error": f"{type(exc).__name__}: {exc}"})
 

@@ -9,11 +9,20 @@ options live under the `duet` key, which standard clients never send.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from common.audio import AudioFormat, format_to_beta, format_to_ga, parse_audio_format
-from common.config import DuetConfig, PacingMode, VadConfig
+from common.config import (
+    EAGERNESS_LEVELS,
+    DuetConfig,
+    Eagerness,
+    LimitsConfig,
+    PacingMode,
+    TurnDetectionType,
+    VadConfig,
+)
 from common.errors import SessionError
 from realtime.core import events as ev
 from realtime.core import params
@@ -26,22 +35,36 @@ _VAD_DEFAULTS = VadConfig()
 
 @dataclass(frozen=True)
 class TurnDetection:
-    type: str = "server_vad"
+    type: TurnDetectionType = _VAD_DEFAULTS.turn_detection
     # The timings are the [vad] config's, never numbers of their own: `from_vad` takes a server's configured
-    # ones, and these defaults are VadConfig's, so the two cannot drift apart.
+    # ones, and these defaults are VadConfig's, so the two cannot drift apart. semantic_vad keeps them too:
+    # Silero still needs a threshold and prefix padding, and a later switch back to server_vad finds them.
     threshold: float = _VAD_DEFAULTS.threshold
     prefix_padding_ms: int = _VAD_DEFAULTS.prefix_padding_ms
     silence_duration_ms: int = _VAD_DEFAULTS.silence_duration_ms
+    # semantic_vad only: how soon to answer (realtime/speech_in/vad.py SEMANTIC_EAGERNESS maps it).
+    eagerness: Eagerness = _VAD_DEFAULTS.eagerness
     create_response: bool = True
     interrupt_response: bool = True
 
     @classmethod
     def from_vad(cls, v: VadConfig) -> TurnDetection:
-        return cls(threshold=v.threshold, prefix_padding_ms=v.prefix_padding_ms,
-                   silence_duration_ms=v.silence_duration_ms)
+        return cls(type=v.turn_detection, threshold=v.threshold, prefix_padding_ms=v.prefix_padding_ms,
+                   silence_duration_ms=v.silence_duration_ms, eagerness=v.eagerness)
+
+    def to_vad(self, base: VadConfig) -> VadConfig:
+        """The segmenter's settings: this session's choices over the server's [vad] section."""
+        return dataclasses.replace(base, turn_detection=self.type, threshold=self.threshold,
+                                   prefix_padding_ms=self.prefix_padding_ms,
+                                   silence_duration_ms=self.silence_duration_ms, eagerness=self.eagerness)
 
     def to_protocol(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Each type reports the fields the protocol gives it (openai's ServerVad / SemanticVad models).
+        flags = {"create_response": self.create_response, "interrupt_response": self.interrupt_response}
+        if self.type == "semantic_vad":
+            return {"type": self.type, "eagerness": self.eagerness, **flags}
+        return {"type": self.type, "threshold": self.threshold, "prefix_padding_ms": self.prefix_padding_ms,
+                "silence_duration_ms": self.silence_duration_ms, **flags}
 
 
 @dataclass
@@ -60,6 +83,9 @@ class SessionSettings:
     max_output_tokens: int | str = "inf"
     tools: list[dict[str, Any]] = field(default_factory=list)
     tool_choice: str = "auto"
+    # Functions the server runs itself (`[[mqtt.tools]]`): offered to the model with the client's `tools`,
+    # never reported to the client as its own.
+    server_tools: list[dict[str, Any]] = field(default_factory=list)
     pacing: PacingMode = "speak-first"
     # Partial transcripts while the user speaks (0 = off), and brains started on them (think while listening).
     partial_transcripts_ms: int = 0
@@ -69,13 +95,17 @@ class SessionSettings:
     duet_events: frozenset[str] = frozenset()
     beta: bool = False  # answer with the beta shape and event names
     updated: bool = False  # has the client sent session.update yet
+    limits: LimitsConfig = field(default_factory=LimitsConfig)  # the server's bounds of the timings above
 
     @classmethod
     def from_config(cls, cfg: DuetConfig, beta: bool = False) -> SessionSettings:
         td = TurnDetection.from_vad(cfg.vad)
         return cls(pacing=cfg.mind.mode, beta=beta, partial_transcripts_ms=cfg.asr.partial_interval_ms,
                    think_while_listening=cfg.mind.think_while_listening, turn_detection=td,
-                   server_turn_detection=td)
+                   server_turn_detection=td, limits=cfg.limits,
+                   server_tools=[{"type": "function", "name": t.name, "description": t.description,
+                                  "parameters": json.loads(t.parameters)} for t in cfg.mqtt.tools]
+                   if cfg.mqtt.enabled else [])
 
     # ---- applying an update -------------------------------------------------------------------
     def apply(self, update: dict[str, Any], event_id: str | None = None) -> None:
@@ -128,14 +158,14 @@ class SessionSettings:
         if "voice" in out:
             self.voice = str(out["voice"])
         if "temperature" in u:
-            self.temperature = float(u["temperature"])
+            self.temperature = params.temperature(u["temperature"])
         for key in ("max_response_output_tokens", "max_output_tokens"):
             if key in u:
                 self.max_output_tokens = params.max_output_tokens(u[key], key)
         if "tools" in u:
             self.tools = params.tools(u["tools"])
         if "tool_choice" in u:
-            self.tool_choice = params.tool_choice(u["tool_choice"], self.tools)
+            self.tool_choice = params.tool_choice(u["tool_choice"], [*self.tools, *self.server_tools])
         duet = u.get("duet") or {}
         if "pacing" in duet:
             self.pacing = params.pacing(duet["pacing"])
@@ -159,20 +189,24 @@ class SessionSettings:
             return None
         if not isinstance(value, dict):
             raise TypeError("turn_detection must be an object or null")
+        # The protocol's default type is server_vad, whatever the server's default: a client that names no
+        # type but sends silence_duration_ms means server_vad.
         kind = value.get("type", "server_vad")
         if kind not in ("server_vad", "semantic_vad"):
             raise ValueError(f"turn_detection.type {kind!r} is not supported")
         base = self.turn_detection or self.server_turn_detection
-        threshold = float(value.get("threshold", base.threshold))
-        if not 0.0 < threshold < 1.0:
-            raise ValueError("turn_detection.threshold must be between 0 and 1")
-        padding = int(value.get("prefix_padding_ms", base.prefix_padding_ms))
-        silence = int(value.get("silence_duration_ms", base.silence_duration_ms))
-        if padding < 0 or silence < 0:
-            raise ValueError("turn_detection prefix_padding_ms and silence_duration_ms must not be negative")
-        # semantic_vad has no timing knobs; we run it as server_vad with the session's timings.
+        eagerness = value.get("eagerness", base.eagerness)
+        if eagerness not in EAGERNESS_LEVELS:
+            raise params.InvalidParam("turn_detection.eagerness",
+                                      f"turn_detection.eagerness must be one of {', '.join(EAGERNESS_LEVELS)}")
+        threshold = params.threshold(value.get("threshold", base.threshold))
+        padding = params.duration_ms(value.get("prefix_padding_ms", base.prefix_padding_ms),
+                                     "turn_detection.prefix_padding_ms", self.limits.max_prefix_padding_ms)
+        silence = params.duration_ms(value.get("silence_duration_ms", base.silence_duration_ms),
+                                     "turn_detection.silence_duration_ms", self.limits.max_silence_duration_ms)
         return TurnDetection(
             type=kind, threshold=threshold, prefix_padding_ms=padding, silence_duration_ms=silence,
+            eagerness=eagerness,
             create_response=bool(value.get("create_response", base.create_response)),
             interrupt_response=bool(value.get("interrupt_response", base.interrupt_response)),
         )

@@ -2,7 +2,8 @@
 
 Routes: the realtime WebSocket (`/v1/realtime`, `/v1/realtime/realtime`, `/realtime`), the phone bridges
 (`/twilio`, `/telnyx`, realtime/transports/telephony.py), `POST /v1/realtime/client_secrets` (ephemeral keys
-for browsers), then the ops routes when that module is present, and a 404 text for everything else.
+for browsers), `POST /v1/realtime/calls` (WebRTC, realtime/transports/webrtc.py), the browser page at `/`
+(realtime/transports/web_page.py), then the ops routes when that module is present, and a 404 text for everything else.
 
 Every handshake is judged before any session or model work, in this order: Origin (and, on an open server,
 Host), credentials (realtime/transports/auth.py), `?duet_events=`, the per-client cap, the session cap.
@@ -16,6 +17,7 @@ an exception in one session never reaches another or the server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -45,6 +47,8 @@ from realtime.transports.auth import (
 )
 from realtime.transports.ops_routes import add_ops_routes
 from realtime.transports.telephony import TelephonyCall, run_call
+from realtime.transports.web_page import add_page_routes
+from realtime.transports.webrtc import WebRTCEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +92,16 @@ class DuetServer:
             app.router.add_get(path, self._telephony)
             app.router.add_get(path + "/", self._telephony)
         app.router.add_post(CLIENT_SECRETS_PATH, self._client_secrets)
+        # WebRTC calls (realtime/transports/webrtc.py), judged and counted like WebSocket sessions; the page at /.
+        self.webrtc = WebRTCEndpoint(self.rt, self.auth, self.sessions, self._per_client, refuse=self._refuse,
+                                     capacity=self._capacity)
+        self.webrtc.add_routes(app)
+        add_page_routes(app)
         # Ops routes (/metrics, /healthz, /readyz and the shutdown drain) go here, before the catch-all and
         # before our own shutdown hook, so a drain runs while sessions are still open.
         add_ops_routes(app, self.rt, self.lifecycle, refusals=lambda: self.refused)
         app.on_shutdown.append(self._close_sockets)
+        app.on_shutdown.append(self.webrtc.close_all)  # after the drain, like the sockets
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         return app
 
@@ -266,11 +276,12 @@ class DuetServer:
         """The outbox gave up on a client that does not read: close now, even while a send is blocked on the
         stalled socket (close waits at most 2 s for the close frame, then drops the transport)."""
         async def close() -> None:
-            try:
+            with contextlib.suppress(TimeoutError, ConnectionError):
                 await asyncio.wait_for(ws.close(code=code, message=reason.encode()[:120], drain=False), 2.0)
-            except (TimeoutError, ConnectionError):
-                if request.transport is not None:
-                    request.transport.abort()
+            # Always drop the transport: a graceful close (transport.close) waits to flush a write buffer that a
+            # client that does not read never takes, leaving the socket and its buffer alive for good.
+            if request.transport is not None:
+                request.transport.abort()
         task = asyncio.get_running_loop().create_task(close())
         self._kicks.add(task)
         task.add_done_callback(self._kicks.discard)

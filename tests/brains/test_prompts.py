@@ -208,3 +208,72 @@ def test_incremental_text_skips_special_tokens() -> None:
     p = builder()
     inc = IncrementalText(p)
     assert inc.push([*p.encode("Hi"), p.tokenizer.eos_token_id]) == "Hi"
+
+
+# ---------------------------------------------------------------- fitting a long conversation
+
+
+class CountingTokenizer(FakeTokenizer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoded_chars = 0
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        self.encoded_chars += len(text)
+        return super().encode(text, add_special_tokens)
+
+    def apply_chat_template(self, chat: Sequence[dict[str, str]], add_generation_prompt: bool = False,
+                            tokenize: bool = True) -> object:
+        if tokenize:
+            self.encoded_chars += sum(len(m["content"]) for m in chat)
+        return super().apply_chat_template(chat, add_generation_prompt, tokenize)
+
+
+def history(n: int) -> list[ChatMessage]:
+    return [ChatMessage("user" if i % 2 == 0 else "assistant", f"message {i} says something") for i in range(n)]
+
+
+def test_fit_is_the_newest_messages_that_fit() -> None:
+    p = builder()
+    assert p.segmented
+    msgs = history(40)
+    for budget in (60, 200, 500, 5000):
+        ids = p.fit(msgs, budget)
+        assert len(ids) <= budget
+        # The same prompt as dropping the oldest message until it fits, re-tokenizing each time.
+        assert ids == p._fit_slowly(msgs, budget, None, False, ())
+    assert p.fit(msgs, 5000, "X", thinking=True) == p.conversation(msgs, "X", thinking=True)
+    # A newest message too long on its own keeps its end and the generation prompt.
+    long = [ChatMessage("user", "a" * 500)]
+    assert text_of(p, p.fit(long, 100)).endswith("aaa<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_fit_costs_the_new_text_not_the_history() -> None:
+    """1,000 items froze every session for seconds: each dropped message re-tokenized the whole history."""
+    tok = CountingTokenizer()
+    p = PromptBuilder(tok, LLM, MIND)
+    msgs = history(1000)
+    tok.encoded_chars = 0
+    p.fit(msgs, 300)
+    first = tok.encoded_chars
+    assert first < 2000  # only the messages that fit (~300 tokens of them), not 1,000 messages
+    tok.encoded_chars = 0
+    p.fit([*msgs, ChatMessage("user", "and one more")], 300)
+    assert tok.encoded_chars < 100  # the new message only: the rest is cached
+
+
+def test_a_template_that_does_not_split_per_message_falls_back() -> None:
+    class Joined(FakeTokenizer):
+        def apply_chat_template(self, chat: Sequence[dict[str, str]], add_generation_prompt: bool = False,
+                                tokenize: bool = True) -> object:
+            # Numbers each message: a message renders differently depending on what came before it.
+            text = "".join(f"<|im_start|>{n}{m['role']}\n{m['content']}<|im_end|>\n" for n, m in enumerate(chat))
+            if add_generation_prompt:
+                text += "<|im_start|>assistant\n"
+            return text if not tokenize else self.encode(text)
+
+    p = PromptBuilder(Joined(), LLM, MIND)
+    assert not p.segmented
+    msgs = history(10)
+    assert p.fit(msgs, 10_000) == p.conversation(msgs)
+    assert len(p.fit(msgs, 100)) <= 100

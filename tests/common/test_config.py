@@ -27,7 +27,8 @@ def test_default_toml_loads_every_value_it_names() -> None:
     assert data, "default.toml is empty"
     for section, values in data.items():
         for key, value in values.items():
-            assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+            expected = tuple(value) if isinstance(value, list) else value  # TOML lists load as tuples
+            assert getattr(getattr(cfg, section), key) == expected, f"{section}.{key}"
     # ...and keeps the built-in default of everything it does not name.
     for section in dataclasses.fields(DuetConfig):
         named = data.get(section.name, {})
@@ -143,3 +144,11 @@ def test_merge_returns_a_new_config() -> None:
     merged = merge(base, {"server": {"port": 9000}})
     assert merged.server.port == 9000
     assert base.server.port == 8765
+
+
+def test_a_list_of_strings_loads_as_a_tuple_and_anything_else_raises() -> None:
+    cfg = merge(DuetConfig(), {"barge_in": {"backchannels": ["yeah", "go on"]}})
+    assert cfg.barge_in.backchannels == ("yeah", "go on")
+    for bad in ("yeah", ["yeah", 1]):
+        with pytest.raises(ConfigError, match="backchannels"):
+            merge(DuetConfig(), {"barge_in": {"backchannels": bad}})

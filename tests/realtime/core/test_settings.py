@@ -300,3 +300,112 @@ def test_turn_detection_defaults_are_the_vad_configs() -> None:
     s.apply({"turn_detection": None})
     s.apply({"turn_detection": {"type": "server_vad"}})
     assert s.turn_detection == TurnDetection.from_vad(configured)
+
+
+# ---------------------------------------------------------------- limits (issue 11)
+
+
+@pytest.mark.parametrize("bad", [
+    {"temperature": float("nan")},
+    {"temperature": float("inf")},
+    {"temperature": -1.0},
+    {"temperature": 5.0},
+    {"temperature": True},
+    {"turn_detection": {"threshold": float("nan")}},
+    {"turn_detection": {"prefix_padding_ms": 1e9}},  # kept ten minutes of idle audio per session
+    {"turn_detection": {"prefix_padding_ms": float("nan")}},
+    {"turn_detection": {"silence_duration_ms": 1e300}},
+    {"turn_detection": {"silence_duration_ms": float("inf")}},  # was an OverflowError: internal_error
+    {"turn_detection": {"silence_duration_ms": True}},
+])
+def test_numeric_fields_are_finite_and_bounded(bad: dict[str, Any]) -> None:
+    s = SessionSettings()
+    before = snapshot(s)
+    with pytest.raises(SessionError) as info:
+        s.apply(bad)
+    assert info.value.code == "invalid_value"
+    assert snapshot(s) == before
+
+
+def test_timing_bounds_come_from_the_limits_config() -> None:
+    cfg = DuetConfig()
+    s = SessionSettings.from_config(cfg)
+    top = cfg.limits.max_prefix_padding_ms
+    s.apply({"turn_detection": {"prefix_padding_ms": top, "silence_duration_ms": cfg.limits.max_silence_duration_ms}})
+    assert s.turn_detection is not None and s.turn_detection.prefix_padding_ms == top
+    with pytest.raises(SessionError, match="prefix_padding_ms"):
+        s.apply({"turn_detection": {"prefix_padding_ms": top + 1}})
+    s.apply({"temperature": 1.2})
+    assert s.temperature == 1.2
+
+
+# ---------------------------------------------------------------- semantic_vad
+
+
+def test_semantic_vad_reports_its_own_fields_and_eagerness() -> None:
+    s = SessionSettings()
+    s.apply({"type": "realtime", "audio": {"input": {"turn_detection": {"type": "semantic_vad", "eagerness": "low"}}}})
+    td = s.to_protocol(SID)["audio"]["input"]["turn_detection"]
+    # The protocol's SemanticVad has no threshold/padding/silence fields: they are server_vad's.
+    assert td == {"type": "semantic_vad", "eagerness": "low", "create_response": True, "interrupt_response": True}
+    s.apply({"turn_detection": {"type": "semantic_vad"}})
+    assert s.turn_detection is not None and s.turn_detection.eagerness == "low"  # kept when not given
+
+
+@pytest.mark.parametrize("eagerness", ["low", "medium", "high", "auto"])
+def test_semantic_vad_eagerness_maps_onto_the_detector(eagerness: str) -> None:
+    from realtime.speech_in.vad import SEMANTIC_EAGERNESS, TurnDetector
+
+    s = SessionSettings()
+    s.apply({"turn_detection": {"type": "semantic_vad", "eagerness": eagerness}})
+    assert s.turn_detection is not None
+    vad = s.turn_detection.to_vad(VadConfig(min_speech_ms=90, semantic_pause_ms=64))
+    assert (vad.turn_detection, vad.eagerness) == ("semantic_vad", eagerness)
+    assert (vad.min_speech_ms, vad.semantic_pause_ms) == (90, 64)  # the server's own knobs stay
+    detector = TurnDetector(vad, turn_model=lambda audio: 0.5)
+    assert detector.semantic == SEMANTIC_EAGERNESS[eagerness]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("eagerness", ["eager", 1, None, "HIGH"])
+def test_semantic_vad_rejects_unknown_eagerness(eagerness: Any) -> None:
+    s = SessionSettings()
+    before = snapshot(s)
+    with pytest.raises(SessionError) as err:
+        s.apply({"turn_detection": {"type": "semantic_vad", "eagerness": eagerness}})
+    assert err.value.param == "session.turn_detection.eagerness"
+    assert snapshot(s) == before
+
+
+def test_server_vad_stays_plain_server_vad_when_the_server_default_is_semantic() -> None:
+    from realtime.speech_in.vad import TurnDetector
+
+    cfg = DuetConfig(vad=VadConfig(turn_detection="semantic_vad", eagerness="high", silence_duration_ms=400))
+    s = SessionSettings.from_config(cfg)
+    assert s.turn_detection == TurnDetection(type="semantic_vad", eagerness="high", silence_duration_ms=400)
+    assert s.to_protocol(SID)["audio"]["input"]["turn_detection"]["type"] == "semantic_vad"
+    s.apply({"audio": {"input": {"turn_detection": {"type": "server_vad"}}}})
+    td = s.turn_detection
+    assert td is not None and td.type == "server_vad"
+    assert s.to_protocol(SID)["audio"]["input"]["turn_detection"] == {
+        "type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 400,
+        "create_response": True, "interrupt_response": True}
+    detector = TurnDetector(td.to_vad(cfg.vad), turn_model=lambda audio: 1.0)
+    assert detector.semantic is None  # the turn model is never asked
+    # A client that switches detection off and on without a type gets the protocol's default, server_vad.
+    s.apply({"turn_detection": None})
+    s.apply({"turn_detection": {"create_response": False}})
+    assert s.turn_detection is not None and s.turn_detection.type == "server_vad"
+
+
+@pytest.mark.parametrize("beta", [True, False])
+def test_semantic_settings_round_trip(beta: bool) -> None:
+    s = SessionSettings(beta=beta)
+    s.apply({"instructions": "Be kind.",
+             "turn_detection": {"type": "semantic_vad", "eagerness": "high", "interrupt_response": False}}
+            if beta else {"type": "realtime", "instructions": "Be kind.",
+                          "audio": {"input": {"turn_detection": {"type": "semantic_vad", "eagerness": "high"}}}})
+    reported = s.to_protocol(SID)
+    before = snapshot(s)
+    s.apply(copy.deepcopy(reported))
+    assert s.to_protocol(SID) == reported
+    assert snapshot(s) == before
