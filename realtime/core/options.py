@@ -23,6 +23,7 @@ class ResponseOptions:
     turn_committed_at: float | None = None
     transcribed_at: float | None = None
     speech_end_ms: int | None = None
+    turn_decision_ms: int | None = None  # end of the user's speech -> turn committed (audio time)
     # Set when the response resumes a reply cut by a false interruption: it speaks this text (the words the
     # user did not hear) as it was written, and no brain runs. `continues` is the cut item's id.
     resume_text: str | None = None

@@ -281,6 +281,8 @@ class Response:
             emit(ev.OutputItemDone(response_id=self.id, output_index=index, item=self.item.to_protocol(self.beta)))
         self.metrics.update(underruns=self.playback.underruns, audio_ms=round(self.playback.queued_ms),
                             speech_end_ms=self.options.speech_end_ms, status=self.status)
+        if self.options.turn_decision_ms is not None:
+            self.metrics["turn_decision_ms"] = self.options.turn_decision_ms
         if self.options.transcribed_at is not None:
             self.metrics["transcript_ms"] = round((self.options.transcribed_at - self._t0) * 1000, 1)
         emit(ev.TurnMetrics(response_id=self.id, metrics=self.metrics))
@@ -356,7 +358,11 @@ class _Speech:
         synth = s.rt.synthesizer
         while (chunk := await self.queue.get()) is not None:
             t0 = time.perf_counter()
-            wav = await s.rt.run_in(s.rt.tts_pool, synth.synthesize, chunk)
+            # The TTS pool runs the chunk whose audio is due soonest first: a reply's first chunk is overdue
+            # since the turn's commit (its listener waits in silence), a later one is due when the audio
+            # already sent runs out.
+            deadline = r._t0 if r.first_audio_at is None else t0 + r.playback.ahead_ms(t0) / 1000
+            wav = await s.rt.run_in(s.rt.tts_pool, synth.synthesize, chunk, deadline=deadline)
             self.pending.pop(0)  # sent below, or silent: either way no longer owed to the listener
             s.log.debug("synthesized %r: %.0f ms of audio in %.0f ms (%.0f ms after commit)", chunk,
                         len(wav) * 1000 / synth.sample_rate, (time.perf_counter() - t0) * 1000,

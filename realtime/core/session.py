@@ -290,7 +290,11 @@ class Session:
             self.emit(ev.SpeechStopped(audio_end_ms=event.audio_end_ms, item_id=item_id))
             speculative, prefetch = self._speculative, self._prefetch
             self._speculative = self._prefetch = None
-            self._commit_turn(item_id, event.audio, speculative, prefetch, speech_end_ms=event.audio_end_ms)
+            # How long after the user's last voiced sample the turn was decided, in audio time: the input
+            # loop feeds one chunk at a time, so the detector's clock is where this decision was made.
+            decided_ms = max(0, self.segmenter.detector.now_ms - event.audio_end_ms)
+            self._commit_turn(item_id, event.audio, speculative, prefetch, speech_end_ms=event.audio_end_ms,
+                              turn_decision_ms=decided_ms)
 
     def _speech_confirmed(self, item_id: str, event: SpeechStarted) -> None:
         self.emit(ev.SpeechStarted(audio_start_ms=event.audio_start_ms, item_id=item_id))
@@ -446,17 +450,20 @@ class Session:
                                    options.offered_tools)
 
     def _commit_turn(self, item_id: str, audio: np.ndarray, transcript: asyncio.Future[str] | None,
-                     prefetch: Prefetch | None = None, speech_end_ms: int | None = None) -> None:
+                     prefetch: Prefetch | None = None, speech_end_ms: int | None = None,
+                     turn_decision_ms: int | None = None) -> None:
         committed_at = time.perf_counter()
         item = Item(id=item_id, role="user", audio=True, status="in_progress",
                     audio_ms=len(audio) * 1000 / audio_codec.SPEECH_RATE)
         previous = self.history.add(item)
         self.emit(ev.Committed(previous_item_id=previous, item_id=item_id))
         self.emit(ev.ItemCreated(previous_item_id=previous, item=item.to_protocol(self.settings.beta)))
-        self.spawn(self._transcribe_turn(item, audio, transcript, prefetch, committed_at, speech_end_ms), "turn")
+        self.spawn(self._transcribe_turn(item, audio, transcript, prefetch, committed_at, speech_end_ms,
+                                         turn_decision_ms), "turn")
 
     async def _transcribe_turn(self, item: Item, audio: np.ndarray, speculative: asyncio.Future[str] | None,
-                               prefetch: Prefetch | None, committed_at: float, speech_end_ms: int | None) -> None:
+                               prefetch: Prefetch | None, committed_at: float, speech_end_ms: int | None,
+                               turn_decision_ms: int | None = None) -> None:
         history_before = self.history.messages()
         text = await (speculative if speculative is not None else self.rt.transcribe(audio))
         item.text, item.status = text, "completed"
@@ -472,12 +479,14 @@ class Session:
             if prefetch is not None:
                 prefetch.cancel()
             options = dataclasses.replace(cut.response.options, turn_committed_at=committed_at,
-                                          transcribed_at=transcribed_at, speech_end_ms=speech_end_ms)
+                                          transcribed_at=transcribed_at, speech_end_ms=speech_end_ms,
+                                          turn_decision_ms=turn_decision_ms)
             self._resume(cut, item, options)
         elif td is not None and td.create_response and text.strip():
             options = ResponseOptions.parse({}, self.settings)
             options = dataclasses.replace(options, turn_committed_at=committed_at,
-                                          transcribed_at=transcribed_at, speech_end_ms=speech_end_ms)
+                                          transcribed_at=transcribed_at, speech_end_ms=speech_end_ms,
+                                          turn_decision_ms=turn_decision_ms)
             expected = [*history_before, ChatMessage("user", text)]
             if prefetch is not None and not prefetch.matches(text, expected):
                 prefetch.cancel()

@@ -51,7 +51,7 @@ async def ask(url: str, audio: np.ndarray, tmp_path: Any, name: str, **kw: Any) 
     return result, read_wav(out)
 
 
-async def test_spoken_question_gets_spoken_answer_about_paris(url, judge, speak, tmp_path) -> None:
+async def test_spoken_question_gets_spoken_answer_about_paris(url, runtime, judge, speak, tmp_path) -> None:
     result, reply = await ask(url, speak("What is the capital of France?"), tmp_path, "paris")
     assert result["errors"] == []
     assert "capital" in result["user_transcript"].lower() and "france" in result["user_transcript"].lower()
@@ -63,6 +63,10 @@ async def test_spoken_question_gets_spoken_answer_about_paris(url, judge, speak,
     assert m["status"] == "completed"
     assert m["ab_first_token_ms"] <= m["first_audio_synthesized_ms"] <= m["first_audio_sent_ms"]
     assert result["voice_to_voice_ms"] is not None and result["voice_to_voice_ms"] > 0
+    # The turn decision is counted in audio time from the last voiced sample: at least the silence window
+    # (server_vad, 300 ms by default), and well under a second more (one VAD chunk and Silero's lag).
+    silence = runtime.config.vad.silence_duration_ms
+    assert silence - 50 <= m["turn_decision_ms"] <= silence + 1000, m
 
 
 async def test_two_concurrent_sessions_each_get_their_own_answer(url, judge, speak, tmp_path) -> None:

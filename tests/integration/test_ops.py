@@ -55,8 +55,10 @@ async def test_a_spoken_turn_shows_in_metrics_and_transcripts(server: Any, runti
     assert seen_sessions >= idle_sessions + 1
 
     after = await scrape(base)
-    for name in ("transcript", "first_token", "first_audio_synthesized", "first_audio_sent"):
+    for name in ("turn_decision", "transcript", "first_token", "first_audio_synthesized", "first_audio_sent"):
         assert after[stage(name)] >= before.get(stage(name), 0) + 1, name
+    v2v = ("duet_voice_to_voice_seconds_count", ())
+    assert after[v2v] >= before.get(v2v, 0) + 1  # the server's estimate: turn decision + first audio sent
     assert after[("duet_turns_total", (("status", "completed"),))] >= \
         before.get(("duet_turns_total", (("status", "completed"),)), 0) + 1
     assert after[("duet_engine_steps_total", ())] > before[("duet_engine_steps_total", ())]
