@@ -74,6 +74,9 @@ class AsrConfig:
     device: str = "cpu"
     compute_type: str = "int8"
     cpu_threads: int = 2
+    # Turns transcribed at once: CTranslate2 model replicas (num_workers), each with cpu_threads threads, and as
+    # many ASR pool threads. 1 on the 2-core CPU stack; on a many-core server about cores / 2 / cpu_threads.
+    workers: int = 1
     beam_size: int = 1
     language: str = "en"
     # Partial transcripts while the user speaks, at most this often (0 = off). Off on the 2-core CPU stack:
@@ -155,7 +158,10 @@ class TtsConfig:
     length_scale: float = 1.0
     noise_scale: float = 0.667
     noise_w: float = 0.8
-    threads: int = 1
+    threads: int = 1  # onnxruntime intra-op threads per synthesis
+    # Replies synthesized at once (TTS pool threads sharing one re-entrant onnxruntime session); 0 = as many
+    # as the cores hold at `threads` each, at most 4.
+    workers: int = 0
     # The first chunk of a reply may end at a clause boundary once it has this many words...
     first_chunk_min_words: int = 3
     # ...or, with no clause mark yet, after a content word among its first this many words once the next

@@ -170,6 +170,20 @@ class _RuntimeCollector(Collector):
         for name, pool in (("asr", rt.asr_pool), ("tts", rt.tts_pool), ("vad", rt.vad_pool)):
             depth.add_metric([name], _queue_depth(rt, pool))
         yield depth
+        workers = GaugeMetricFamily("duet_worker_threads", "Threads per worker pool (jobs that can run at once)",
+                                    labels=["pool"])
+        for name, pool in (("asr", rt.asr_pool), ("tts", rt.tts_pool), ("vad", rt.vad_pool)):
+            workers.add_metric([name], pool._max_workers)
+        yield workers
+        # The event loop only routes events; these say whether it keeps up (realtime/runtime.py LoopMonitor).
+        loop = getattr(rt, "loop_monitor", None)
+        if loop is not None:
+            yield CounterMetricFamily("duet_event_loop_busy_seconds", "CPU seconds of the event loop's thread; its "
+                                      "rate is the loop's busy share", value=loop.busy_seconds)
+            yield GaugeMetricFamily("duet_event_loop_busy_ratio", "The event loop thread's CPU share over the "
+                                    "last ~5 s", value=loop.busy_ratio)
+            yield GaugeMetricFamily("duet_event_loop_lag_seconds", "Worst delay of a scheduled callback on the "
+                                    "event loop over the last ~5 s", value=loop.lag_max_s)
         errors = CounterMetricFamily("duet_errors", "Error events sent to clients, by code", labels=["code"])
         for code, n in sorted(ev.ERROR_COUNTS.items()):
             errors.add_metric([code], n)

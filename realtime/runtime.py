@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import heapq
+import itertools
 import logging
+import math
 import os
 import sys
 import time
@@ -43,36 +46,46 @@ work_owner: contextvars.ContextVar[str] = contextvars.ContextVar("duet_work_owne
 
 
 class FairPool:
-    """Round-robin dispatch of one executor's work among owners (sessions).
+    """Dispatch of one executor's work among owners (sessions): earliest deadline first, round-robin on ties.
 
-    The VAD, ASR and TTS executors each have one thread shared by every session. Submitted straight to the
-    executor, work runs first come first served, so a session that queues many jobs (audio items to
-    transcribe, a burst of input) makes every other session wait behind all of them. Here each owner has its
-    own queue, and at most `workers` jobs are in the executor at once, taken from the owners in turn: a
-    session waits behind at most one job of each other session."""
+    The VAD, ASR and TTS executors are shared by every session. Submitted straight to the executor, work runs
+    first come first served, so a session that queues many jobs (audio items to transcribe, a burst of input)
+    makes every other session wait behind all of them. Here each owner has its own queue, ordered by deadline,
+    and at most `workers` jobs are in the executor at once. The next job is the owners' earliest head deadline;
+    owners whose heads tie (jobs without a deadline are all `inf`) take turns, so a session waits behind at
+    most one job of each other session. Deadlines let urgent work pass: the first audio chunk of a reply (a
+    listener waiting in silence) goes before a later chunk of another reply whose listener still has
+    seconds of audio queued, as the engine orders its urgent rows."""
 
     def __init__(self, executor: Executor, workers: int = 1) -> None:
         self.executor = executor
         self.workers = workers
-        self._queues: OrderedDict[str, deque[tuple[asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]]]] = \
-            OrderedDict()
+        # Per owner, a heap of (deadline, seq, future, fn, args); seq keeps equal deadlines first come first
+        # served and means futures are never compared.
+        self._queues: OrderedDict[str, list[tuple[float, int, asyncio.Future[Any], Callable[..., Any],
+                                                  tuple[Any, ...]]]] = OrderedDict()
+        self._seq = itertools.count()
         self._running = 0
+        self.peak = 0  # most jobs in the executor at once: shows the pool's parallelism was used
 
     @property
     def waiting(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
-    async def run(self, owner: str, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, owner: str, fn: Callable[..., T], *args: Any, deadline: float = math.inf) -> T:
+        """`fn(*args)` on the executor; `deadline` (a time.perf_counter() value) orders it: sooner runs first."""
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(owner, deque()).append((fut, fn, args))
+        heapq.heappush(self._queues.setdefault(owner, []), (deadline, next(self._seq), fut, fn, args))
         self._pump()
         return await fut  # cancelling the caller cancels fut: a job not yet started is skipped
 
     def _pump(self) -> None:
         loop = asyncio.get_running_loop()
         while self._running < self.workers and self._queues:
-            owner, queue = next(iter(self._queues.items()))
-            fut, fn, args = queue.popleft()
+            # min() keeps the first of equal keys, and owners that just ran are at the end: round-robin on ties.
+            owner = min(self._queues, key=lambda o: self._queues[o][0][0])
+            queue = self._queues[owner]
+            _, _, fut, fn, args = heapq.heappop(queue)
             if queue:
                 self._queues.move_to_end(owner)  # this owner's next job waits for everyone else's turn
             else:
@@ -80,6 +93,7 @@ class FairPool:
             if fut.done():
                 continue
             self._running += 1
+            self.peak = max(self.peak, self._running)
             job = loop.run_in_executor(self.executor, fn, *args)
             job.add_done_callback(lambda j, fut=fut: self._finished(j, fut))  # type: ignore[misc]
 
@@ -93,6 +107,58 @@ class FairPool:
             else:
                 fut.set_result(job.result())
         self._pump()
+
+
+def pool_workers(configured: int, cores: int | None = None, per_worker_threads: int = 1, cap: int = 4) -> int:
+    """Threads for a model pool: `configured` when set (> 0), else as many as the cores hold at
+    `per_worker_threads` each, at most `cap` (more would only contend with the engine and each other)."""
+    if configured > 0:
+        return configured
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(cap, cores // max(1, per_worker_threads)))
+
+
+class LoopMonitor:
+    """How busy the event loop is, sampled cheaply from the loop itself.
+
+    Every `interval_s` a task on the loop reads the loop thread's CPU time (`time.thread_time`): its growth over
+    wall time is the loop's busy share (parsing, routing, encoding events; time the loop waits for the GIL is
+    not counted, which is what the engine and model threads hold). The task's own wake-up delay is the loop's
+    lag: how late any callback would run. Both are read by realtime/metrics.py at scrape time."""
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        self.interval_s = interval_s
+        self.busy_seconds = 0.0  # loop-thread CPU seconds since start (a counter: its rate is the busy share)
+        self.busy_ratio = 0.0  # over the last ~5 s
+        self.lag_max_s = 0.0  # worst wake-up delay over the last ~5 s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._sample(), name="duet-loop-monitor")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _sample(self) -> None:
+        window: deque[tuple[float, float, float]] = deque()  # (wall, cpu, lag) per sample
+        wall, cpu = time.perf_counter(), time.thread_time()
+        window.append((wall, cpu, 0.0))
+        while True:
+            await asyncio.sleep(self.interval_s)
+            now, now_cpu = time.perf_counter(), time.thread_time()
+            lag = max(0.0, now - wall - self.interval_s)
+            self.busy_seconds += now_cpu - cpu
+            wall, cpu = now, now_cpu
+            window.append((now, now_cpu, lag))
+            while len(window) > 2 and window[0][0] < now - 5.0:
+                window.popleft()
+            first_wall, first_cpu, _ = window[0]
+            span = now - first_wall
+            self.busy_ratio = (now_cpu - first_cpu) / span if span > 0 else 0.0
+            self.lag_max_s = max(x[2] for x in window)
 
 
 @dataclass(frozen=True)
@@ -179,6 +245,7 @@ class Runtime:
     server_tools: ServerToolExecutor | None = None  # functions the server runs itself (MQTT tools)
     smart_turn: SmartTurn | None = None  # semantic_vad's turn model; None: semantic_vad runs as server_vad
     _fair: dict[int, FairPool] = field(default_factory=dict)  # per executor, made on first use
+    loop_monitor: LoopMonitor = field(default_factory=LoopMonitor)  # started by `warm`, on the loop
 
     @classmethod
     def load(cls, config: DuetConfig) -> Runtime:
@@ -201,22 +268,27 @@ class Runtime:
                 token_budget=config.llm.step_token_budget, max_batch=config.llm.max_slots,
                 prefill_chunk=config.llm.prefill_chunk, urgent_audio_ms=config.mind.urgent_audio_ms),
                 eos_ids=prompts.stop_ids)
+        # Concurrent turns are transcribed and replies synthesized in parallel: one thread per CTranslate2 worker
+        # (the Listener holds as many model replicas), and TTS threads sized to the cores. Both models release
+        # the GIL while they compute. VAD stays one thread: its steps are ~1 ms and keep per-session state.
+        asr_workers = max(1, config.asr.workers)
+        tts_workers = pool_workers(config.tts.workers, per_worker_threads=config.tts.threads)
         runtime = cls(
             config=config, vad=SileroVad.load(), listener=Listener.load(config.asr),
             synthesizer=Synthesizer.load(config.tts), engine=engine, prompts=prompts,
-            # One ASR and one TTS worker: on small CPUs more threads only contend with the engine.
-            asr_pool=ThreadPoolExecutor(1, thread_name_prefix="duet-asr"),
-            tts_pool=ThreadPoolExecutor(1, thread_name_prefix="duet-tts"),
+            asr_pool=ThreadPoolExecutor(asr_workers, thread_name_prefix="duet-asr"),
+            tts_pool=ThreadPoolExecutor(tts_workers, thread_name_prefix="duet-tts"),
             vad_pool=ThreadPoolExecutor(1, thread_name_prefix="duet-vad"),
             smart_turn=_load_smart_turn(config),
         )
         engine.start()
-        log.info("runtime ready in %.1fs", time.perf_counter() - t0)
+        log.info("runtime ready in %.1fs (%d ASR, %d TTS workers)", time.perf_counter() - t0, asr_workers, tts_workers)
         return runtime
 
     async def warm(self) -> None:
         """Prefill both system-prompt variants once, so the first turn of every session finds them in the
         engine's prefix cache, and run each model once so lazy initialisation is off the first turn."""
+        self.loop_monitor.start()  # here because warm runs on the serving loop
         for thinking in (False, True):
             prompt = self.prompts.conversation([], None, thinking)
             async for _ in self.engine.submit(GenerationRequest(prompt=prompt, max_new_tokens=1)):
@@ -251,12 +323,17 @@ class Runtime:
         finally:
             self.asr_inflight -= 1
 
-    async def run_in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn` on `pool`, taking turns with the other sessions' work (`FairPool`, `work_owner`)."""
+    async def run_in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any,
+                     deadline: float = math.inf) -> T:
+        """Run `fn` on `pool`, taking turns with the other sessions' work (`FairPool`, `work_owner`); a sooner
+        `deadline` (time.perf_counter()) runs first."""
+        return await self.fair(pool).run(work_owner.get(), fn, *args, deadline=deadline)
+
+    def fair(self, pool: ThreadPoolExecutor) -> FairPool:
         fair = self._fair.get(id(pool))
         if fair is None:
             fair = self._fair[id(pool)] = FairPool(pool, pool._max_workers)
-        return await fair.run(work_owner.get(), fn, *args)
+        return fair
 
     def close(self) -> None:
         self.engine.close()

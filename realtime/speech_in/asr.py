@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 from common.audio import SPEECH_RATE
 from common.config import AsrConfig
+from common.errors import EngineError
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
@@ -125,12 +126,22 @@ def resolve_whisper_model(cfg: AsrConfig) -> Path:
 # ---------------------------------------------------------------- recognition
 
 
+def _ct2_version() -> str:
+    try:
+        import ctranslate2
+
+        return str(ctranslate2.__version__)
+    except ImportError:
+        return "(not installed)"
+
+
 class Listener:
     """A loaded Whisper model; `transcribe` is blocking CPU work meant for a thread pool.
 
     No lock: faster-whisper builds its tokenizer and features per call, and the CTranslate2 model
-    accepts concurrent calls from several threads (with num_workers=1 it queues them internally,
-    so concurrent callers are serialised inside CTranslate2 rather than oversubscribing the CPU).
+    accepts concurrent calls from several threads. It holds `cfg.workers` replicas (num_workers): that many
+    calls run in parallel, each on cpu_threads threads; more callers queue inside CTranslate2 rather than
+    oversubscribing the CPU. The runtime's ASR pool has as many threads.
     """
 
     def __init__(self, model: WhisperModel, cfg: AsrConfig, path: Path) -> None:
@@ -147,11 +158,26 @@ class Listener:
 
         path = resolve_whisper_model(cfg)
         started = time.perf_counter()
-        model = WhisperModel(str(path), device=cfg.device, compute_type=cfg.compute_type,
-                             cpu_threads=cfg.cpu_threads)
-        logger.info("loaded Whisper %s (%s, %s) in %.1f s", path, cfg.device, cfg.compute_type,
-                    time.perf_counter() - started)
-        return cls(model, cfg, path)
+        try:
+            model = WhisperModel(str(path), device=cfg.device, compute_type=cfg.compute_type,
+                                 cpu_threads=cfg.cpu_threads, num_workers=max(1, cfg.workers))
+            listener = cls(model, cfg, path)
+            if cfg.device != "cpu":
+                # CTranslate2 loads cuBLAS/cuDNN only at the first compute, so a CUDA it cannot use would
+                # otherwise surface as an error on the first user's turn: compute once now.
+                listener.transcribe(np.zeros(SPEECH_RATE, dtype=np.float32))
+        except (RuntimeError, ValueError, OSError) as exc:
+            if cfg.device == "cpu":
+                raise
+            raise EngineError(
+                f"asr.device = {cfg.device!r} cannot be used by CTranslate2: {exc}. CTranslate2 "
+                f"{_ct2_version()} is built for CUDA 12 (it loads libcublas.so.12; a CUDA 13-only machine has "
+                "none). Fix: set asr.device = \"cpu\" and asr.compute_type = \"int8\" (e.g. "
+                "--set asr.device=cpu --set asr.compute_type=int8), or install CUDA 12's cuBLAS and cuDNN "
+                "(nvidia-cublas-cu12, nvidia-cudnn-cu12) where the loader finds them.") from exc
+        logger.info("loaded Whisper %s (%s, %s, %d worker(s)) in %.1f s", path, cfg.device, cfg.compute_type,
+                    max(1, cfg.workers), time.perf_counter() - started)
+        return listener
 
     def transcribe(self, audio16k: npt.ArrayLike, prompt: str | None = None) -> str:
         """Text of mono 16 kHz float32 audio; `prompt` (earlier conversation) biases spelling."""

@@ -164,3 +164,27 @@ def test_base_loads_and_transcribes(base_dir: Path, speech: np.ndarray) -> None:
     listener = Listener.load(AsrConfig(model_dir=str(base_dir)))
     assert listener.language == "en"  # multilingual model: the configured language is passed on
     _expected_words(listener.transcribe(speech))
+
+
+@pytest.mark.integration
+def test_two_workers_transcribe_two_turns_at_once(speech: np.ndarray) -> None:
+    """asr.workers = 2: two CTranslate2 replicas (calls beyond them queue inside CTranslate2), each turn right."""
+    listener = Listener.load(AsrConfig(model="tiny.en", workers=2, cpu_threads=1))
+    assert listener.model.model.num_workers == 2
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        texts = list(pool.map(listener.transcribe, [speech, speech]))
+    for text in texts:
+        _expected_words(text)
+
+
+def test_an_unusable_asr_device_fails_at_load_with_the_fix() -> None:
+    """asr.device = "cuda" where CTranslate2 cannot use CUDA (no GPU here, or no CUDA 12 cuBLAS on a CUDA 13
+    machine) fails at start, naming the fix, rather than on a user's first turn."""
+    from common.errors import EngineError
+
+    try:
+        Listener.load(AsrConfig(model="tiny.en", device="cuda", compute_type="float16"))
+    except EngineError as exc:
+        assert 'asr.device = "cpu"' in str(exc) and "asr.device = 'cuda'" in str(exc)
+    else:
+        pytest.skip("CTranslate2 can use CUDA here")
