@@ -40,6 +40,14 @@ class SimTokenizer:
     def convert_tokens_to_ids(self, token: str) -> int:
         return self.unk_token_id
 
+    def apply_chat_template(self, chat: list[dict[str, str]], add_generation_prompt: bool = False,
+                            tokenize: bool = True) -> Any:
+        """ChatML, as SmolLM2 and Qwen render it: PromptBuilder measures and caches each message's tokens."""
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in chat)
+        if add_generation_prompt:
+            text += "<|im_start|>assistant\n"
+        return self.encode(text) if tokenize else text
+
 
 class PlaybackClock:
     """The client's audio queue: reply tokens add audio, playback drains it in real time."""
