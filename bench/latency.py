@@ -6,6 +6,12 @@ p50/p95, per-stage medians, tokens generated before the first reply token, and a
 
     .venv/bin/python bench/latency.py --out bench/out/latency.json
     .venv/bin/python bench/latency.py --modes nothink,speak-first,think-first,tbs --sessions 1,2,4,8
+
+A/B comparison on one machine in one run (one server per variant; the variants and modes take turns, question
+by question, so machine load drifts hit every variant alike; one session at a time):
+
+    .venv/bin/python bench/latency.py --modes nothink,speak-first --rounds 3 \
+        --variant 'before=tts.first_chunk_max_words=0;mind.ab_head_start_tokens=0' --variant after
 """
 
 from __future__ import annotations
@@ -48,10 +54,17 @@ def synthesize_questions() -> list[np.ndarray]:
 
 
 def start_server(port: int, extra: list[str]) -> subprocess.Popen[str]:
+    return wait_ready(launch_server(port, extra))
+
+
+def launch_server(port: int, extra: list[str]) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "duet.cli", "serve", "--port", str(port), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def wait_ready(proc: subprocess.Popen[str]) -> subprocess.Popen[str]:
     assert proc.stdout is not None
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     for line in proc.stdout:
         if line.startswith("listening on"):
             return proc
@@ -86,7 +99,10 @@ async def run_level(url: str, audio: list[np.ndarray], mode: str, sessions: int,
         return out
 
     per_session = await asyncio.gather(*(one_session(i) for i in range(sessions)))
-    results = [r for rs in per_session for r in rs]
+    return summarize([r for rs in per_session for r in rs], mode, sessions)
+
+
+def summarize(results: list[dict[str, Any]], mode: str, sessions: int) -> dict[str, Any]:
     v2v = [r["voice_to_voice_ms"] for r in results if r["voice_to_voice_ms"] is not None]
     m = [r["server_metrics"] for r in results]
     return {
@@ -97,13 +113,29 @@ async def run_level(url: str, audio: list[np.ndarray], mode: str, sessions: int,
         "transcript_p50_ms": median([x.get("transcript_ms") for x in m]),
         "fb_first_token_p50_ms": median([x.get("fb_first_token_ms") for x in m]),
         "ab_first_token_p50_ms": median([x.get("ab_first_token_ms") for x in m]),
+        "first_audio_synthesized_p50_ms": median([x.get("first_audio_synthesized_ms") for x in m]),
         "first_audio_sent_p50_ms": median([x.get("first_audio_sent_ms") for x in m]),
         "tokens_before_first_reply_p50": median([x.get("fb_tokens_before_reply") for x in m]),
         "underruns": sum(r["underruns"] for r in results),
         "errors": sum(len(r["errors"]) for r in results),
-        "samples": [{k: r[k] for k in ("question", "user_transcript", "reply_transcript", "voice_to_voice_ms",
-                                       "underruns")} for r in results],
+        "samples": [{**{k: r[k] for k in ("question", "user_transcript", "reply_transcript", "voice_to_voice_ms",
+                                          "underruns")},
+                     **{k: r["server_metrics"].get(k) for k in ("transcript_ms", "ab_first_token_ms",
+                                                                "first_audio_sent_ms")}} for r in results],
     }
+
+
+async def compare(urls: dict[str, str], audio: list[np.ndarray], modes: list[str], rounds: int) -> list[dict[str, Any]]:
+    """Every question in every mode on every variant's server, interleaved turn by turn: one session at a time."""
+    raw: dict[tuple[str, str], list[dict[str, Any]]] = {(v, m): [] for v in urls for m in modes}
+    for _ in range(rounds):
+        for q, question in enumerate(QUESTIONS):
+            for mode in modes:
+                for variant, url in urls.items():
+                    result = await talk(audio[q], url, pacing=mode, timeout_s=60)
+                    result["question"] = question
+                    raw[(variant, mode)].append(result)
+    return [{"variant": v, **summarize(rs, m, 1)} for (v, m), rs in raw.items()]
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -136,10 +168,16 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="server config override, as duet serve --set")
     ap.add_argument("--out", default="bench/out/latency.json")
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME[=KEY=VALUE;...]",
+                    help="compare server configs side by side (repeat; overrides as --set, ';' between them)")
+    ap.add_argument("--rounds", type=int, default=2, help="with --variant: passes over the questions")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     audio = synthesize_questions()
     extra = [x for s in args.set for x in ("--set", s)]
+    if args.variant:
+        run_variants(args, audio, extra)
+        return
     server = start_server(args.port, extra)
     url = f"ws://127.0.0.1:{args.port}/v1/realtime"
     results = []
@@ -158,6 +196,32 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(report, indent=2))
     if args.plot:
         plot(report, Path(args.plot))
+
+
+def run_variants(args: argparse.Namespace, audio: list[np.ndarray], extra: list[str]) -> None:
+    servers: list[subprocess.Popen[str]] = []
+    urls: dict[str, str] = {}
+    overrides: dict[str, list[str]] = {}
+    try:
+        for i, spec in enumerate(args.variant):  # all load at once; they idle while another variant runs
+            name, _, sets = spec.partition("=")
+            overrides[name] = [x for x in sets.split(";") if x]
+            port = args.port + i
+            servers.append(launch_server(port, extra + [y for x in overrides[name] for y in ("--set", x)]))
+            urls[name] = f"ws://127.0.0.1:{port}/v1/realtime"
+        for server in servers:
+            wait_ready(server)
+        results = asyncio.run(compare(urls, audio, args.modes.split(","), args.rounds))
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=30)
+    for row in results:
+        print(json.dumps({k: v for k, v in row.items() if k != "samples"}), flush=True)
+    report = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "overrides": args.set,
+              "variants": overrides, "interleaved": True, "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -80,12 +80,15 @@ class _Thought:
     segments: int = 0
     done: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set when the FB may start: at once, or (speak-first) after the AB's head start.
+    may_start: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class MindPacer:
     def __init__(self, engine: GenerationEngine, prompts: PromptBuilder, mind: MindConfig, llm: LlmConfig,
                  mode: PacingMode, session_id: str = "",
-                 audio_ahead_ms: Callable[[], float] | None = None, tool_prefix: str | None = None) -> None:
+                 audio_ahead_ms: Callable[[], float] | None = None, tool_prefix: str | None = None,
+                 reply_prefix: str = "") -> None:
         self.engine = engine
         self.prompts = prompts
         self.mind = mind
@@ -97,6 +100,9 @@ class MindPacer:
         # a forced call (tool_choice) starts the reply with this prefix, e.g. '<tool_call>{"name": "f", '.
         self.tools = tool_prefix is not None
         self.tool_prefix = tool_prefix or ""
+        # The start of the reply, already said: the AB goes on writing after it (a reply resumed after a
+        # false interruption, cut while it was being written). Not part of the deltas or the returned reply.
+        self.reply_prefix = reply_prefix
         self._streams: set[TokenStream] = set()
         self._out: asyncio.Queue[PacerEvent | None] = asyncio.Queue()
         self.stats = TurnStats(mode=mode)
@@ -105,6 +111,16 @@ class MindPacer:
     @property
     def thinking(self) -> bool:
         return self.mode != "nothink"
+
+    @property
+    def head_start(self) -> int:
+        """AB tokens written before the FB is submitted. Only speak-first's AB starts with no thought to wait
+        for; there, an FB submitted with it would share its first steps: the engine makes the AB wait for
+        the FB's prefill of their common prefix (a step), then every step runs both (on a CPU, a batch of 2
+        costs more than 1). Started after the AB's first tokens, the FB copies that prefix from the AB's
+        slot instead (brains/engine.py), so it still prefills nothing, and the AB's first token comes as soon
+        as in nothink. Its price: the FB's thought starts about that many steps later."""
+        return self.mind.ab_head_start_tokens if self.mode == "speak-first" else 0
 
     def cancel(self) -> None:
         """End the turn: no brain submits anything more, and the running streams stop."""
@@ -115,6 +131,8 @@ class MindPacer:
     async def run(self, conversation: list[int]) -> AsyncIterator[PacerEvent]:
         """Yield thought and reply deltas as they come, then one PacerDone."""
         thought = _Thought()
+        if not self.head_start:
+            thought.may_start.set()
         tasks = []
         if self.thinking:
             tasks.append(asyncio.create_task(self._formulate(conversation, thought)))
@@ -147,6 +165,7 @@ class MindPacer:
 
     # ---- formulation brain --------------------------------------------------------------------
     async def _formulate(self, conversation: list[int], thought: _Thought) -> None:
+        await thought.may_start.wait()
         if self.cancelled:
             thought.done = True
             thought.changed.set()
@@ -185,6 +204,11 @@ class MindPacer:
             reply.ids.extend(self.prompts.encode(self.tool_prefix))
             reply.text = self.prompts.decode(reply.ids)
         sent = 0  # characters of reply.text already handed out as deltas
+        if self.reply_prefix:
+            reply.ids.extend(self.prompts.encode(self.reply_prefix))
+            reply.text = self.prompts.decode(reply.ids)
+            sent = len(reply.text)
+        said = sent  # reply.text[:said] is the prefix
         if self.mode == "think-first":
             await self._wait(thought, lambda: thought.segments >= 1 or thought.done)
         elif self.mode == "tbs":
@@ -210,6 +234,8 @@ class MindPacer:
                         self.stats.fb_tokens_before_reply = len(thought.ids)
                     produced += len(ids)
                     reply.push(ids)
+                    if produced >= self.head_start:  # tokens written now: a tool or resumed prefix is no head start
+                        thought.may_start.set()
                     tag = TAG.search(reply.text)
                     if self.tools and tag is not None and tag.group() == "<tool_call>":
                         call = reply.text[tag.end():]
@@ -240,6 +266,9 @@ class MindPacer:
             finally:
                 self._streams.discard(stream)
                 self.stats.prefill_reused += stream.reused_prefix
+                # The first segment ended short of the head start (a short reply, a tag, a cancel): the FB
+                # may not wait for tokens that will never come.
+                thought.may_start.set()
             budget -= produced
             self.stats.reply_tokens = len(reply.ids)
             reason = stream.finish.reason if stream.finish is not None else None
@@ -266,7 +295,7 @@ class MindPacer:
                 break
             if not final:
                 await self._wait_for_next_segment(thought, seen_segments)
-        return reply.text.strip(), self.prompts.decode(thought.ids).strip()
+        return reply.text[said:].strip(), self.prompts.decode(thought.ids).strip()
 
     async def _wait_for_next_segment(self, thought: _Thought, seen: int) -> None:
         """Until new thought arrives, the thought ends, or audio would run dry (then speak on regardless)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import threading
 from collections.abc import Iterator, Sequence
@@ -22,7 +23,10 @@ REPLY = "Fine. Sure thing. All done."
 SEG = 4  # thought segment, tokens (= characters here)
 REPLY_SEG = 6
 
-MIND = MindConfig(thought_segment_tokens=SEG, reply_segment_tokens=REPLY_SEG, max_thought_tokens=200)
+# Both brains start together unless a test gives the AB a head start (those tests say so): the segment rules
+# tested here do not depend on it, and each test then knows the FB's request exists when the AB's does.
+MIND = MindConfig(thought_segment_tokens=SEG, reply_segment_tokens=REPLY_SEG, max_thought_tokens=200,
+                  ab_head_start_tokens=0)
 LLM = LlmConfig(max_reply_tokens=100, temperature=0.0)
 
 
@@ -130,8 +134,8 @@ async def run_pacer(pacer: MindPacer, conversation: list[int], timeout: float = 
     return await asyncio.wait_for(run(), timeout)
 
 
-def make_pacer(r: Rig, mode: PacingMode) -> MindPacer:
-    return MindPacer(r.engine, r.prompts, MIND, LLM, mode, session_id="s1")
+def make_pacer(r: Rig, mode: PacingMode, mind: MindConfig = MIND) -> MindPacer:
+    return MindPacer(r.engine, r.prompts, mind, LLM, mode, session_id="s1")
 
 
 def check_done(events: list[PacerEvent], thinking: bool, full_thought: bool = False) -> PacerDone:
@@ -227,7 +231,7 @@ async def test_think_first_waits_for_one_thought_segment(rig: Rig) -> None:
     assert done.stats.fb_tokens_before_reply >= SEG
 
 
-async def test_speak_first_asks_the_ab_at_once(rig: Rig) -> None:
+async def test_speak_first_without_head_start_asks_both_brains_at_once(rig: Rig) -> None:
     rig.backend.pause()  # no forward runs: the FB cannot have written anything
     pacer = make_pacer(rig, "speak-first")
     task = asyncio.create_task(run_pacer(pacer, rig.conversation))
@@ -245,6 +249,53 @@ async def test_speak_first_asks_the_ab_at_once(rig: Rig) -> None:
     rig.backend.resume()
     done = check_done(await task, thinking=True)
     assert done.stats.ab_segments >= 2
+
+
+async def test_speak_first_asks_the_ab_at_once_and_the_fb_after_its_head_start(rig: Rig) -> None:
+    head = 3
+    rig.backend.pause()
+    pacer = make_pacer(rig, "speak-first", dataclasses.replace(MIND, ab_head_start_tokens=head))
+    fb_asked_after: list[int] = []
+
+    def on_submit(req: GenerationRequest, _stream: TokenStream) -> None:
+        if req.brain == "fb":
+            ab_stream = rig.engine.by_brain("ab")[0][1]
+            fb_asked_after.append(len(rig.consumed.get(ab_stream.seq_id, [])))
+
+    rig.engine.on_submit = on_submit
+    task = asyncio.create_task(run_pacer(pacer, rig.conversation))
+    while not rig.engine.by_brain("ab"):
+        rig.engine.submit_event.clear()
+        await asyncio.wait_for(rig.engine.submit_event.wait(), 5)
+    await asyncio.sleep(0.05)  # time enough for a wrongly eager FB to be submitted
+    assert rig.engine.by_brain("fb") == [], "the FB was asked before the AB wrote a token"
+    assert ab_thoughts(rig)[0] == []
+    rig.backend.resume()
+    done = check_done(await task, thinking=True)
+    assert fb_asked_after and fb_asked_after[0] >= head
+    assert done.stats.fb_tokens_before_reply == 0
+    # The FB prefilled nothing: its whole prompt but the last token was copied from the AB's keys/values.
+    fb_req, fb_stream = rig.engine.by_brain("fb")[0]
+    assert fb_stream.reused_prefix == len(fb_req.prompt) - 1
+    assert done.stats.ab_segments >= 2  # and its thought still reached the later segments
+    assert any(thought for thought in ab_thoughts(rig)[1:])
+
+
+async def test_the_fb_starts_when_the_first_segment_ends_short_of_the_head_start(rig: Rig) -> None:
+    """A first segment shorter than the head start (here capped at REPLY_SEG tokens) must not leave the FB
+    waiting for tokens that never come: it is asked when the segment ends, and the turn completes."""
+    pacer = make_pacer(rig, "speak-first", dataclasses.replace(MIND, ab_head_start_tokens=10 * REPLY_SEG))
+    check_done(await run_pacer(pacer, rig.conversation), thinking=True)
+    assert len(rig.engine.by_brain("fb")) == 1
+    first_ab = rig.engine.by_brain("ab")[0][1]
+    assert len(rig.consumed.get(first_ab.seq_id, [])) == REPLY_SEG
+
+
+async def test_only_speak_first_gives_the_ab_a_head_start(rig: Rig) -> None:
+    mind = dataclasses.replace(MIND, ab_head_start_tokens=5)
+    for mode in ("think-first", "tbs", "nothink"):
+        assert make_pacer(rig, mode, mind).head_start == 0
+    assert make_pacer(rig, "speak-first", mind).head_start == 5
 
 
 # ---------------------------------------------------------------- segment prompts
@@ -359,3 +410,29 @@ async def test_a_forced_tool_call_is_the_whole_answer(rig: Rig) -> None:
     assert len(calls) == 1 and '"name": "f"' in calls[0].text
     assert not [e for e in events if isinstance(e, ReplyDelta)]
     assert len(ab_thoughts(rig)) == 1, "no second AB request after the call"
+
+
+@pytest.mark.parametrize("mode", ["nothink", "speak-first", "think-first"])
+async def test_the_reply_never_exceeds_max_reply_tokens(rig: Rig, mode: PacingMode) -> None:
+    """`llm.max_reply_tokens` caps the whole reply, across AB segments and restarts (issue 11)."""
+    cap = 10  # REPLY is 27 tokens (one a character); segments are REPLY_SEG = 6
+    llm = dataclasses.replace(LLM, max_reply_tokens=cap)
+    pacer = MindPacer(rig.engine, rig.prompts, MIND, llm, mode, session_id="s1")
+    events = await run_pacer(pacer, rig.conversation)
+    done = events[-1]
+    assert isinstance(done, PacerDone)
+    said = "".join(e.text for e in events if isinstance(e, ReplyDelta))
+    assert 0 < len(said) <= cap and REPLY.startswith(said)
+    assert done.stats.reply_tokens <= cap
+    assert all(req.max_new_tokens <= cap for req, _ in rig.engine.by_brain("ab"))
+
+
+async def test_a_reply_prefix_is_written_on_from_and_not_said_again(rig: Rig) -> None:
+    """A reply resumed after a false interruption: the AB goes on after what was already said."""
+    prefix = "Fine. Sure"
+    pacer = MindPacer(rig.engine, rig.prompts, MIND, LLM, "nothink", session_id="s1", reply_prefix=prefix)
+    events = await run_pacer(pacer, rig.conversation)
+    said = "".join(e.text for e in events if isinstance(e, ReplyDelta))
+    assert said == REPLY[len(prefix):]
+    done = events[-1]
+    assert isinstance(done, PacerDone) and done.reply == REPLY[len(prefix):].strip()

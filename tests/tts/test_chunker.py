@@ -53,7 +53,7 @@ def test_first_chunk_may_end_at_a_clause_once_it_has_enough_words() -> None:
         "Yes, the capital of France is Paris, which is lovely, and the food is great. "
         "Also, it is old, and big."
     )
-    chunks = stream(SentenceChunker(first_chunk_min_words=3), text)
+    chunks = stream(SentenceChunker(first_chunk_min_words=3, first_chunk_max_words=0), text)
     # "Yes," is too short to stand alone; later clauses of the reply are not split.
     assert chunks == [
         "Yes, the capital of France is Paris,",
@@ -67,6 +67,9 @@ def test_first_chunk_rule_applies_again_after_flush() -> None:
     first_reply = stream(chunker, "Hello there, friend. Good day, sir.")
     assert first_reply == ["Hello there,", "friend.", "Good day, sir."]
     assert stream(chunker, "Hello there, friend.") == ["Hello there,", "friend."]
+    # The word cut too.
+    assert stream(chunker, "Paris is lovely in the spring. Sure.") == ["Paris is lovely", "in the spring.", "Sure."]
+    assert stream(chunker, "Paris is lovely in the spring.") == ["Paris is lovely", "in the spring."]
 
 
 def test_run_on_sentence_is_split_at_a_clause_past_max_words() -> None:
@@ -113,3 +116,64 @@ def test_a_colon_does_not_end_the_first_chunk() -> None:
     # A comma still ends a first chunk of enough words, so first audio comes early.
     assert stream(SentenceChunker(first_chunk_min_words=3), "Sure thing, my friend, it is Paris. ") == [
         "Sure thing, my friend,", "it is Paris."]
+
+
+# ---------------------------------------------------------------- the first chunk: a few words
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 1000])
+@pytest.mark.parametrize(("text", "chunks"), [
+    ("The capital of France is Paris. It is old.", ["The capital of France", "is Paris.", "It is old."]),
+    ("Paris is the capital of France.", ["Paris is the capital", "of France."]),
+    ("The largest planet in our solar system is Jupiter.", ["The largest planet", "in our solar system is Jupiter."]),
+    ("There are seven days in a week.", ["There are seven days", "in a week."]),
+    # A short sentence stays whole: any cut would leave one word ("legs.").
+    ("A spider has eight legs. Yes.", ["A spider has eight legs.", "Yes."]),
+    # Never after a function word, and never before a word that is not one (inside a phrase).
+    ("The sky on a clear day is blue.", ["The sky on a clear day is blue."]),
+    ("Jupiter is the largest planet in the sky.", ["Jupiter is the largest planet", "in the sky."]),
+])
+def test_first_chunk_is_its_first_words_at_a_phrase_boundary(text: str, chunks: list[str], step: int) -> None:
+    assert stream(SentenceChunker(first_chunk_min_words=3, first_chunk_max_words=5), text, step) == chunks
+
+
+def test_the_first_words_are_out_as_soon_as_the_word_after_the_next_begins() -> None:
+    chunker = SentenceChunker(first_chunk_min_words=3, first_chunk_max_words=5)
+    assert chunker.push("The capital of France is") == []  # "is" might still be "isn't" or the end
+    assert chunker.push(" P") == ["The capital of France"]
+    assert chunker.push("aris. It") == ["is Paris."]
+    assert chunker.flush() == ["It"]
+
+
+@pytest.mark.parametrize("text", [
+    "The answer is: Paris. ",  # the colon guard: what follows a colon stays with it
+    "The capital of France is Paris. ",  # "is Paris." two words, fine
+    "France is beautiful indeed.",
+    "My friend Bob is here.",
+    "The capital of France\nis Paris.",
+    "One two three four five six seven eight nine.",
+    "The capital of France is.",
+])
+def test_a_word_cut_never_leaves_a_one_word_rest(text: str) -> None:
+    for step in (1, 4, 1000):
+        chunks = stream(SentenceChunker(first_chunk_min_words=1, first_chunk_max_words=8), text, step)
+        assert "".join(chunks).replace(" ", "") == text.replace(" ", "").replace("\n", "").strip()
+        if len(chunks) > 1 and len(chunks[0].split()) <= 8:
+            assert len(chunks[1].split()) >= 2, chunks
+    assert stream(SentenceChunker(first_chunk_min_words=3), "The answer is: Paris. ") == ["The answer is: Paris."]
+
+
+def test_no_word_cut_past_max_words_or_when_off() -> None:
+    text = "Big old red barn cats usually sleep in the hay."
+    # "sleep" (word 7) is the first content word before a phrase start ("in").
+    assert stream(SentenceChunker(first_chunk_max_words=5), text) == [text]
+    assert stream(SentenceChunker(first_chunk_max_words=7), text) == [
+        "Big old red barn cats usually sleep", "in the hay."]
+    assert stream(SentenceChunker(first_chunk_max_words=0), "The capital of France is Paris.") == [
+        "The capital of France is Paris."]
+
+
+def test_only_the_first_chunk_is_cut_at_words() -> None:
+    text = "Yes. The capital of France is Paris. The food is great."
+    assert stream(SentenceChunker(first_chunk_min_words=3, first_chunk_max_words=5), text) == [
+        "Yes.", "The capital of France is Paris.", "The food is great."]
