@@ -25,6 +25,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,25 @@ def start_server(port: int, extra: list[str]) -> subprocess.Popen[str]:
     return wait_ready(launch_server(port, extra))
 
 
-def launch_server(port: int, extra: list[str]) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "duet.cli", "serve", "--port", str(port), *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def launch_server(port: int, extra: list[str], tree: Path | None = None) -> subprocess.Popen[str]:
+    """`duet serve` from this checkout, or from `tree` (an exported older revision: see `export_tree`)."""
+    if tree is None:
+        cmd = [sys.executable, "-m", "duet.cli", "serve", "--port", str(port), *extra]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    # Older revisions had the CLI in realtime/cli.py. The tree goes first on the path and is the working
+    # directory, so its packages shadow this checkout's editable install.
+    cli = "duet.cli" if (tree / "duet" / "cli.py").exists() else "realtime.cli"
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    return subprocess.Popen([sys.executable, "-m", cli, "serve", "--port", str(port), *extra], cwd=tree, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def export_tree(ref: str, into: Path) -> Path:
+    """The code of git revision `ref` (its packages and configs), for a baseline server beside this one."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", ref], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 def wait_ready(proc: subprocess.Popen[str]) -> subprocess.Popen[str]:
@@ -171,10 +188,15 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME[=KEY=VALUE;...]",
                     help="compare server configs side by side (repeat; overrides as --set, ';' between them)")
     ap.add_argument("--rounds", type=int, default=2, help="with --variant: passes over the questions")
+    ap.add_argument("--baseline", default=None, metavar="GIT_REF",
+                    help="also run the server of this git revision, interleaved with this checkout's (a before/after "
+                         "pair measured side by side); implies variants 'head' and 'base'")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     audio = synthesize_questions()
     extra = [x for s in args.set for x in ("--set", s)]
+    if args.baseline and not args.variant:
+        args.variant = ["head"]
     if args.variant:
         run_variants(args, audio, extra)
         return
@@ -209,6 +231,11 @@ def run_variants(args: argparse.Namespace, audio: list[np.ndarray], extra: list[
             port = args.port + i
             servers.append(launch_server(port, extra + [y for x in overrides[name] for y in ("--set", x)]))
             urls[name] = f"ws://127.0.0.1:{port}/v1/realtime"
+        if args.baseline:
+            tree = export_tree(args.baseline, Path(tempfile.mkdtemp(prefix="duet-base-")))
+            port = args.port + len(args.variant)
+            servers.append(launch_server(port, extra, tree))
+            urls[f"base:{args.baseline}"] = f"ws://127.0.0.1:{port}/v1/realtime"
         for server in servers:
             wait_ready(server)
         results = asyncio.run(compare(urls, audio, args.modes.split(","), args.rounds))
