@@ -13,6 +13,7 @@ Names (all prefixed `duet_`): see README "Operations".
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -184,6 +185,12 @@ class _RuntimeCollector(Collector):
                                     "last ~5 s", value=loop.busy_ratio)
             yield GaugeMetricFamily("duet_event_loop_lag_seconds", "Worst delay of a scheduled callback on the "
                                     "event loop over the last ~5 s", value=loop.lag_max_s)
+            # Leak watch for long runs (bench/soak.py): tasks alive on the serving loop. `all_tasks` copies the
+            # loop's weak set with retries, so it is safe from the scraping thread too; it costs O(tasks).
+            monitor_task = getattr(loop, "_task", None)
+            if monitor_task is not None:
+                yield GaugeMetricFamily("duet_asyncio_tasks", "Unfinished asyncio tasks on the serving event loop",
+                                        value=len(asyncio.all_tasks(monitor_task.get_loop())))
         errors = CounterMetricFamily("duet_errors", "Error events sent to clients, by code", labels=["code"])
         for code, n in sorted(ev.ERROR_COUNTS.items()):
             errors.add_metric([code], n)

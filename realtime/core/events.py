@@ -97,6 +97,14 @@ def decode_client_event(data: str | bytes) -> ClientEvent:
         raw = _json_decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise SessionError(f"message is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        # msgspec parses nested values recursively, so JSON nested past the interpreter's stack depth (`[` 10,000
+        # times, well under the size limit) ends here: the client's fault, not an internal error.
+        raise SessionError("message is not valid JSON: nested too deeply", code="invalid_json") from None
+    except UnicodeError:
+        # A str holding a lone surrogate cannot be read as UTF-8 (a transport that hands over text it did not
+        # validate itself; aiohttp's WebSocket closes such frames with 1007 before they get here).
+        raise SessionError("message is not valid JSON: not valid Unicode text", code="invalid_json") from None
     if not isinstance(raw, dict):
         raise SessionError("message must be a JSON object", code="invalid_json")
     event_id = raw.get("event_id") if isinstance(raw.get("event_id"), str) else None

@@ -39,6 +39,7 @@ import numpy as np
 from common import audio as audio_codec
 from common.errors import SessionError
 from realtime.core import events as ev
+from realtime.core.limits import Throttled
 from realtime.core.session import SessionLog
 
 if TYPE_CHECKING:
@@ -47,6 +48,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FRAME_MS = 20  # what both platforms send and expect: 160 bytes of G.711 at 8 kHz
+# Bad input from the platform is logged at most once per this many seconds per call, with a count of the
+# repeats since: the platforms take no error events, and a line per bad frame (50 frames a second) floods logs.
+BAD_INPUT_LOG_PERIOD_S = 10.0
+# What `feed` treats as a malformed message rather than a bug: a handler reading a field of the wrong shape
+# (KeyError...), a number out of range (`int(Infinity)`: json.loads accepts Infinity), or a value nested past
+# the stack (str() of it).
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError, ArithmeticError, RecursionError)
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,8 @@ class TelephonyCall:
         self._outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._warned_early_media = False
+        self._bad_input = Throttled(self.log, period=BAD_INPUT_LOG_PERIOD_S, clock=clock)
+        self.bad_messages = 0  # platform messages ignored: not JSON, malformed, or rejected by the session
         # Playback accounting (see the module docstring).
         self._marks: dict[str, _Mark] = {}  # sent, not yet echoed; insertion order = play order
         self._item_ms: dict[str, float] = {}  # ms of each item's audio sent
@@ -159,6 +169,9 @@ class TelephonyCall:
         if self.session is not None:
             await self.session.close()
         self._outbox.put_nowait(None)
+        if self.bad_messages:
+            self.log.warning("%d bad messages from %s were ignored on this call", self.bad_messages,
+                             self.dialect.name)
         self.log.info("%s call bridge closed", self.dialect.name)
 
     async def frames(self) -> AsyncIterator[dict[str, Any]]:
@@ -172,10 +185,13 @@ class TelephonyCall:
         try:
             message = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
-            self.log.warning("ignoring a message that is not JSON: %s", exc)
+            self._warn_bad("not_json", "ignoring a message that is not JSON: %s", exc)
+            return
+        except RecursionError:  # JSON nested past the stack (10,000 `[`): bad input, not a reason to end the call
+            self._warn_bad("not_json", "ignoring a message that is not JSON: nested too deeply")
             return
         if not isinstance(message, dict):
-            self.log.warning("ignoring a JSON message that is not an object")
+            self._warn_bad("not_object", "ignoring a JSON message that is not an object")
             return
         await self.feed(message)
 
@@ -193,9 +209,15 @@ class TelephonyCall:
         try:
             await handler(self, message)
         except SessionError as err:
-            self.log.warning("session rejected %s message: %s (%s)", kind, err.message, err.code)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            self.log.warning("ignoring malformed %s message: %r", kind, exc)
+            self._warn_bad(f"rejected {kind}", "session rejected %s message: %s (%s)", kind, err.message[:200],
+                           err.code)
+        except _MALFORMED as exc:
+            self._warn_bad(f"malformed {kind}", "ignoring malformed %s message: %s", kind, repr(exc)[:200])
+
+    def _warn_bad(self, key: str, msg: str, *args: Any) -> None:
+        """`key`: what is throttled together; only known message kinds reach here, so the keys are few."""
+        self.bad_messages += 1
+        self._bad_input.warning(key, msg, *args)
 
     async def _on_connected(self, message: dict[str, Any]) -> None:
         self.log.info("%s connected: protocol %s, version %s", self.dialect.name, message.get("protocol"),
@@ -280,7 +302,7 @@ class TelephonyCall:
         await self.close()
 
     async def _on_error(self, message: dict[str, Any]) -> None:
-        self.log.warning("%s reported an error: %s", self.dialect.name, message)
+        self._bad_input.warning("platform_error", "%s reported an error: %.500s", self.dialect.name, message)
 
     _handlers: ClassVar[dict[str, Callable[[TelephonyCall, dict[str, Any]], Awaitable[None]]]] = {
         "connected": _on_connected, "start": _on_start, "media": _on_media, "mark": _on_mark,
@@ -319,8 +341,8 @@ class TelephonyCall:
             self._barge_in("output_audio_buffer.cleared")
         elif isinstance(event, ev.ItemTruncated):
             self.log.info("session truncated %s to %d ms heard", event.item_id, event.audio_end_ms)
-        elif isinstance(event, ev.Error):
-            self.log.warning("session error %s: %s", event.error.code, event.error.message)
+        elif isinstance(event, ev.Error):  # throttled like bad input: a flood of bad audio is one error each
+            self._bad_input.warning("session_error", "session error %s: %s", event.error.code, event.error.message)
 
     def _send_audio(self, item_id: str, data: bytes) -> None:
         if self._carry_item not in (None, item_id):

@@ -123,3 +123,27 @@ def test_a_metrics_port_of_its_own() -> None:
     metrics.serve_port(m, "127.0.0.1", port)  # a daemon thread; it ends with the test process
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         assert b"duet_sessions_active 0.0" in r.read()
+
+
+async def test_asyncio_tasks_gauge_counts_the_serving_loops_tasks_from_any_thread() -> None:
+    """`duet_asyncio_tasks` is the soak's leak watch (bench/soak.py): it must see tasks come and go, also when
+    /metrics is scraped from a thread (the metrics port of its own)."""
+    from realtime.runtime import LoopMonitor
+
+    rt = fake_runtime()
+    rt.loop_monitor = LoopMonitor()
+    m = metrics.attach(rt)
+    assert ("duet_asyncio_tasks", ()) not in scrape(m)  # no serving loop yet: no gauge rather than a wrong one
+    rt.loop_monitor.start()
+    try:
+        gate = asyncio.Event()
+        base = (await asyncio.to_thread(scrape, m))[("duet_asyncio_tasks", ())]
+        waiting = [asyncio.create_task(gate.wait()) for _ in range(5)]
+        await asyncio.sleep(0)
+        during = (await asyncio.to_thread(scrape, m))[("duet_asyncio_tasks", ())]
+        gate.set()
+        await asyncio.gather(*waiting)
+        after = scrape(m)[("duet_asyncio_tasks", ())]
+    finally:
+        rt.loop_monitor.stop()
+    assert during - base == 5 and after == base

@@ -147,6 +147,27 @@ async def test_bad_input_is_logged_and_ignored(caplog: pytest.LogCaptureFixture)
     assert "not JSON" in caplog.text and "malformed media" in caplog.text
 
 
+async def test_a_flood_of_bad_frames_logs_a_bounded_number_of_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    """1,000 bad frames used to write 1,000 WARNING lines; now the first of each kind, then one line per period
+    with the count since, and a total when the call ends. Nesting past the stack and Infinity used to end the call
+    (RecursionError, OverflowError escaped `feed`)."""
+    call, session, clock = await make_call()
+    await call.feed(twilio_start())
+    caplog.clear()
+    for i in range(1000):
+        await call.feed_raw(["{not json", "[" * 10_000, json.dumps({"event": "media", "media": {}})][i % 3])
+        clock.now += 0.02  # 50 frames a second, as a platform sends them: 20 s in all
+    await call.feed_raw('{"event": "start", "start": {"mediaFormat": {"sampleRate": Infinity}}}')
+    assert not call.closed
+    await call.feed(media(b"\xff" * 160))
+    assert len(session.of(ev.InputAudioBufferAppend)) == 1  # still bridging audio
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert 3 <= len(warnings) <= 12, [r.getMessage() for r in warnings]  # 2 kinds x (20 s / 10 s + 1), +2 others
+    assert any("times since the last report" in r.getMessage() for r in warnings)
+    await call.close()
+    assert "1001 bad messages" in caplog.records[-2].getMessage() + caplog.records[-1].getMessage()
+
+
 async def test_session_rejection_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
     call, session, _ = await make_call()
     session.reject.add(ev.InputAudioBufferAppend)
