@@ -14,7 +14,6 @@ log-mel features (80 bins x 800 frames); the output is already a sigmoid probabi
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 from typing import Final
@@ -25,6 +24,7 @@ import onnxruntime as ort
 from faster_whisper.feature_extractor import FeatureExtractor
 
 from common.audio import SPEECH_RATE
+from realtime.speech_in.onnx_models import one_thread_session, package_file
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +41,8 @@ _NORM_EPS: Final = 1e-7  # transformers' WhisperFeatureExtractor's, which the mo
 
 def bundled_model_path() -> Path:
     """The ONNX file inside the installed `pipecat-ai` package, found without importing pipecat."""
-    spec = importlib.util.find_spec("pipecat")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the pipecat-ai package is not installed (scripts/setup.sh installs it with "
-                                "--no-deps for its Smart Turn model)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "audio" / "turn" / "smart_turn" / "data" / MODEL_FILE
+    path = package_file("pipecat", "audio", "turn", "smart_turn", "data", MODEL_FILE,
+                        missing=" (scripts/setup.sh installs pipecat-ai with --no-deps for its Smart Turn model)")
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a pipecat-ai release without Smart Turn v3.2?")
     return path
@@ -64,13 +61,9 @@ class SmartTurn:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> SmartTurn:
-        opts = ort.SessionOptions()
-        # ~66 ms a call on one idle Xeon core, 54 ms on two (docs/benchmarks.md): a second thread gains little
-        # and takes a core from Whisper and the engine.
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
+        # ~66 ms a call on one idle Xeon core, 54 ms on two (docs/benchmarks.md): a second thread gains little.
         model = Path(path) if path is not None else bundled_model_path()
-        session = ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
+        session = one_thread_session(model)
         logger.info("loaded Smart Turn from %s", model)
         turn = cls(session)
         turn(np.zeros(SPEECH_RATE, dtype=np.float32))  # onnxruntime picks kernels on the first run

@@ -14,7 +14,6 @@ Three layers, so the turn logic can be tested without a model and the model shar
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -29,6 +28,7 @@ import onnxruntime as ort
 
 from common.audio import SPEECH_RATE
 from common.config import Eagerness, VadConfig
+from realtime.speech_in.onnx_models import one_thread_session, package_file
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +80,7 @@ def _samples(ms: float) -> int:
 def bundled_model_path() -> Path:
     """The ONNX file inside the installed `silero-vad` package, found without importing the package: its
     __init__ imports torch and calls torch.set_num_threads(1), which would slow the whole process's LLM."""
-    spec = importlib.util.find_spec("silero_vad")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the silero-vad package is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
+    return package_file("silero_vad", "data", "silero_vad.onnx")
 
 
 class SileroVad:
@@ -101,13 +98,8 @@ class SileroVad:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> SileroVad:
-        opts = ort.SessionOptions()
-        # One 32 ms frame costs well under a millisecond; more threads only add sync overhead
-        # and steal cores from Whisper and the LLM.
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        model = Path(path) if path is not None else bundled_model_path()
-        session = ort.InferenceSession(str(model), sess_options=opts, providers=["CPUExecutionProvider"])
+        model = Path(path) if path is not None else bundled_model_path()  # well under 1 ms a 32 ms frame
+        session = one_thread_session(model)
         logger.info("loaded Silero VAD from %s", model)
         return cls(session)
 
