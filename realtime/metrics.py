@@ -168,14 +168,19 @@ class _RuntimeCollector(Collector):
         yield _histogram("duet_engine_step_seconds", "Engine step time", st.step_seconds)
         yield _histogram("duet_engine_batch_size", "Decode rows per engine step", st.batch_size)
         depth = GaugeMetricFamily("duet_worker_queue_depth", "Jobs queued or running per worker pool", labels=["pool"])
-        for name, pool in (("asr", rt.asr_pool), ("tts", rt.tts_pool), ("vad", rt.vad_pool)):
+        for name, pool in (("asr", rt.asr_pool), ("tts", rt.tts_pool)):
             depth.add_metric([name], _queue_depth(rt, pool))
+        depth.add_metric(["vad"], rt.vad_batcher.waiting)
         yield depth
         workers = GaugeMetricFamily("duet_worker_threads", "Threads per worker pool (jobs that can run at once)",
                                     labels=["pool"])
-        for name, pool in (("asr", rt.asr_pool), ("tts", rt.tts_pool), ("vad", rt.vad_pool)):
+        for name, pool in (("asr", rt.asr_pool), ("tts", rt.tts_pool)):
             workers.add_metric([name], pool._max_workers)
+        workers.add_metric(["vad"], 1)
         yield workers
+        # Frames per batched Silero call: near 1 when idle, near the live sessions under load.
+        yield CounterMetricFamily("duet_vad_rounds", "Batched VAD model calls", value=rt.vad_batcher.rounds)
+        yield CounterMetricFamily("duet_vad_frames", "32 ms frames run through the VAD", value=rt.vad_batcher.rows)
         # The event loop only routes events; these say whether it keeps up (realtime/runtime.py LoopMonitor).
         loop = getattr(rt, "loop_monitor", None)
         if loop is not None:

@@ -34,6 +34,7 @@ from common.config import DuetConfig
 from realtime.speech_in.asr import Listener
 from realtime.speech_in.smart_turn import SmartTurn
 from realtime.speech_in.vad import SileroVad
+from realtime.speech_in.vad_batch import VadBatcher
 from tts.synthesizer import Synthesizer
 
 log = logging.getLogger(__name__)
@@ -235,7 +236,6 @@ class Runtime:
     prompts: PromptBuilder
     asr_pool: ThreadPoolExecutor
     tts_pool: ThreadPoolExecutor
-    vad_pool: ThreadPoolExecutor
     # Open sessions by id, registered by the server; one registry, so rate_limits.updated can count them.
     sessions: dict[str, object] = field(default_factory=dict)
     asr_inflight: int = 0  # transcriptions queued or running (speculative ones only start when it is 0)
@@ -246,6 +246,8 @@ class Runtime:
     smart_turn: SmartTurn | None = None  # semantic_vad's turn model; None: semantic_vad runs as server_vad
     _fair: dict[int, FairPool] = field(default_factory=dict)  # per executor, made on first use
     loop_monitor: LoopMonitor = field(default_factory=LoopMonitor)  # started by `warm`, on the loop
+    # Silero for every session on one thread, a batched model call per round (speech_in/vad_batch.py).
+    vad_batcher: VadBatcher = field(default_factory=VadBatcher)
 
     @classmethod
     def load(cls, config: DuetConfig) -> Runtime:
@@ -270,7 +272,7 @@ class Runtime:
                 eos_ids=prompts.stop_ids)
         # Concurrent turns are transcribed and replies synthesized in parallel: one thread per CTranslate2 worker
         # (the Listener holds as many model replicas), and TTS threads sized to the cores. Both models release
-        # the GIL while they compute. VAD stays one thread: its steps are ~1 ms and keep per-session state.
+        # the GIL while they compute. VAD is one thread that batches every session's frames (VadBatcher).
         asr_workers = max(1, config.asr.workers)
         tts_workers = pool_workers(config.tts.workers, per_worker_threads=config.tts.threads)
         runtime = cls(
@@ -278,7 +280,6 @@ class Runtime:
             synthesizer=Synthesizer.load(config.tts), engine=engine, prompts=prompts,
             asr_pool=ThreadPoolExecutor(asr_workers, thread_name_prefix="duet-asr"),
             tts_pool=ThreadPoolExecutor(tts_workers, thread_name_prefix="duet-tts"),
-            vad_pool=ThreadPoolExecutor(1, thread_name_prefix="duet-vad"),
             smart_turn=_load_smart_turn(config),
         )
         engine.start()
@@ -337,7 +338,8 @@ class Runtime:
 
     def close(self) -> None:
         self.engine.close()
-        for pool in (self.asr_pool, self.tts_pool, self.vad_pool):
+        self.vad_batcher.close()
+        for pool in (self.asr_pool, self.tts_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -180,7 +180,7 @@ class Session:
     async def _on_InputAudioBufferCommit(self, e: ev.InputAudioBufferCommit) -> None:
         await self._audio_drained()
         if self.settings.turn_detection is not None:
-            audio = await self.rt.run_in(self.rt.vad_pool, self._take_turn_audio)
+            audio = await self.rt.vad_batcher.call(self.segmenter, self._take_turn_audio)
         else:
             audio = np.concatenate(self._manual_audio) if self._manual_audio else np.zeros(0, np.float32)
             self._manual_audio.clear()
@@ -197,7 +197,7 @@ class Session:
 
     async def _on_InputAudioBufferClear(self, e: ev.InputAudioBufferClear) -> None:
         await self._audio_drained()
-        await self.rt.run_in(self.rt.vad_pool, self.segmenter.reset)
+        await self.rt.vad_batcher.call(self.segmenter, self.segmenter.reset)
         self._manual_audio.clear()
         self._manual_samples = 0
         self._pending_item = None
@@ -221,13 +221,21 @@ class Session:
         """Wait until every appended chunk went through the VAD (commit/clear act on all of it)."""
         while not self._audio_in.empty():
             await asyncio.sleep(0.005)
-        await self.rt.run_in(self.rt.vad_pool, lambda: None)
+        await self.rt.vad_batcher.call(self.segmenter, lambda: None)
 
     async def _input_loop(self) -> None:
         while True:
             data = await self._audio_in.get()
             if data is None:
                 return
+            # Chunks that queued while the last one was in the VAD go through it as one job: behind a busy
+            # VAD thread a session catches up in one round trip instead of one per chunk.
+            while not self._audio_in.empty():
+                more = self._audio_in.get_nowait()
+                if more is None:  # closing: after this audio (nothing can be queued behind the None)
+                    self._audio_in.put_nowait(None)
+                    break
+                data += more
             samples = audio_codec.decode(data, self.settings.input_format)
             samples = self._resampler.process(samples)
             if self.settings.turn_detection is None:
@@ -243,13 +251,12 @@ class Session:
                 self._manual_samples += len(samples)
                 continue
             self._near.append((float(np.dot(samples, samples)), len(samples)))
-            turn_events, snapshot = await self.rt.run_in(self.rt.vad_pool, self._feed_vad, samples)
+            turn_events, snapshot = await self.rt.vad_batcher.feed(self.segmenter, samples, self._after_vad)
             for event in turn_events:
                 self._on_turn_event(event, snapshot)
 
-    def _feed_vad(self, samples: np.ndarray) -> tuple[list[TurnEvent], np.ndarray | None]:
+    def _after_vad(self, events: list[TurnEvent]) -> tuple[list[TurnEvent], np.ndarray | None]:
         """Runs on the VAD thread; snapshots the turn's audio there when the user falls silent."""
-        events = self.segmenter.feed(samples)
         snapshot = self.segmenter.current_turn_audio() if any(isinstance(x, SilenceStarted) for x in events) \
             else None
         return events, snapshot
@@ -379,7 +386,7 @@ class Session:
             await asyncio.sleep(interval)
             if self._pending_item != item_id:
                 return
-            audio = await self.rt.run_in(self.rt.vad_pool, self.segmenter.current_turn_audio)
+            audio = await self.rt.vad_batcher.call(self.segmenter, self.segmenter.current_turn_audio)
             if len(audio) < audio_codec.SPEECH_RATE // 2:
                 continue
             text = await self.rt.transcribe(audio)

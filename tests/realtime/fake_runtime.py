@@ -17,9 +17,9 @@ from tests.brains.fakes import FakeBackend
 def fake_runtime(**server: Any) -> Runtime:
     config = dataclasses.replace(DuetConfig(), server=dataclasses.replace(ServerConfig(), **server))
     engine = Engine(FakeBackend(slots=4), SchedulerConfig(token_budget=64, max_batch=8, prefill_chunk=32))
-    pools = {name: ThreadPoolExecutor(1, thread_name_prefix=f"test-{name}") for name in ("asr", "tts", "vad")}
+    pools = {name: ThreadPoolExecutor(1, thread_name_prefix=f"test-{name}") for name in ("asr", "tts")}
     return Runtime(config=config, vad=None, listener=None, synthesizer=None, engine=engine,  # type: ignore[arg-type]
-                   prompts=None, asr_pool=pools["asr"], tts_pool=pools["tts"], vad_pool=pools["vad"])  # type: ignore[arg-type]
+                   prompts=None, asr_pool=pools["asr"], tts_pool=pools["tts"])  # type: ignore[arg-type]
 
 
 def report(session_id: str = "sess_1", response_id: str = "resp_1", status: str = "completed",
