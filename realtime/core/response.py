@@ -137,6 +137,10 @@ class Response:
             if speech is not None:
                 speech.stop()
                 self.item.unsent = speech.unsent()  # before _finish cuts the item: part of what went unheard
+            if self.prefetch is not None:
+                # The speculative first audio, if no speech took it (a text-only reply, one that failed or
+                # was cancelled before its first chunk): a job still queued in the TTS pool is skipped.
+                self.prefetch.drop_first_audio()
             self._finish()
 
     def _open_message(self) -> None:
@@ -356,13 +360,22 @@ class _Speech:
         r = self.r
         s = r.session
         synth = s.rt.synthesizer
+        prefetch = r.prefetch
         while (chunk := await self.queue.get()) is not None:
             t0 = time.perf_counter()
-            # The TTS pool runs the chunk whose audio is due soonest first: a reply's first chunk is overdue
-            # since the turn's commit (its listener waits in silence), a later one is due when the audio
-            # already sent runs out.
-            deadline = r._t0 if r.first_audio_at is None else t0 + r.playback.ahead_ms(t0) / 1000
-            wav = await s.rt.run_in(s.rt.tts_pool, synth.synthesize, chunk, deadline=deadline)
+            # The first chunk may have been synthesized (or be in synthesis) while the silence window was
+            # open: the same text, so the same audio the listener would wait for.
+            speculative = prefetch.first_audio(chunk) if prefetch is not None else None
+            prefetch = None  # only the first chunk
+            wav = await self._speculative(speculative) if speculative is not None else None
+            if wav is not None:
+                r.metrics["first_audio_prefetched"] = True
+            else:
+                # The TTS pool runs the chunk whose audio is due soonest first: a reply's first chunk is overdue
+                # since the turn's commit (its listener waits in silence), a later one is due when the audio
+                # already sent runs out.
+                deadline = r._t0 if r.first_audio_at is None else t0 + r.playback.ahead_ms(t0) / 1000
+                wav = await s.rt.run_in(s.rt.tts_pool, synth.synthesize, chunk, deadline=deadline)
             self.pending.pop(0)  # sent below, or silent: either way no longer owed to the listener
             s.log.debug("synthesized %r: %.0f ms of audio in %.0f ms (%.0f ms after commit)", chunk,
                         len(wav) * 1000 / synth.sample_rate, (time.perf_counter() - t0) * 1000,
@@ -375,6 +388,19 @@ class _Speech:
             start = r.playback.queued_ms
             self._send(out, fmt)
             r.item.spoken.append((start, r.playback.queued_ms, chunk))
+
+    @staticmethod
+    async def _speculative(audio: asyncio.Task[np.ndarray]) -> np.ndarray | None:
+        """The speculative first audio once synthesized; None if its job was cancelled (then synthesize anew)."""
+        try:
+            # Waited for, not awaited: its cancellation must not read as this speech's own.
+            await asyncio.wait([audio])
+        except asyncio.CancelledError:
+            audio.cancel()  # this speech is stopping: the job is nobody's now
+            raise
+        if audio.cancelled():
+            return None
+        return audio.result()  # a failed synthesis fails the speech, as one run here would
 
     def _send(self, samples: np.ndarray, fmt: audio_codec.AudioFormat) -> None:
         r = self.r

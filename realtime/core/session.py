@@ -288,7 +288,7 @@ class Session:
             # Whisper is idle: behind other sessions' turns a speculative pass gains nothing and costs a slot.
             fut = asyncio.ensure_future(self.rt.transcribe(snapshot))
             self._speculative = fut
-            self.spawn(self._prefetch_when_transcribed(fut), "prefetch")
+            self.spawn(self._prefetch_when_transcribed(fut, self._window_closes(event)), "prefetch")
         elif isinstance(event, SpeechResumed):
             self._speculative = None
         elif isinstance(event, SpeechStopped):
@@ -374,10 +374,21 @@ class Session:
             self._prefetch.cancel()
             self._prefetch = None
 
-    async def _prefetch_when_transcribed(self, fut: asyncio.Future[str]) -> None:
+    async def _prefetch_when_transcribed(self, fut: asyncio.Future[str], window_closes: float) -> None:
         text = await fut
         if self._speculative is fut:  # else the user spoke again, or the turn already took the normal path
             self._prefetch_on(text)
+            if self._prefetch is not None and self._prefetch.text == text and "audio" in self.settings.modalities:
+                # Its first audio too: after the commit, the wait for the first audio is mostly that synthesis.
+                self._prefetch.speak_first_chunk(self.rt, deadline=window_closes)
+
+    def _window_closes(self, event: SilenceStarted) -> float:
+        """When (time.perf_counter()) the turn may commit if the user stays quiet: the silence window `event`
+        opened closes silence_duration_ms of audio later; semantic_vad may end the turn at its first pause."""
+        detector = self.segmenter.detector
+        cfg = detector.cfg
+        window_ms = cfg.semantic_pause_ms if detector.semantic is not None else cfg.silence_duration_ms
+        return time.perf_counter() + max(0, event.at_ms + window_ms - detector.now_ms) / 1000
 
     async def _listen(self, item_id: str) -> None:
         """Partial transcripts while the user speaks; with think_while_listening, brains start on them."""

@@ -62,11 +62,25 @@ async def test_spoken_question_gets_spoken_answer_about_paris(url, runtime, judg
     m = result["server_metrics"]
     assert m["status"] == "completed"
     assert m["ab_first_token_ms"] <= m["first_audio_synthesized_ms"] <= m["first_audio_sent_ms"]
+    # A reply started in the silence window synthesized its first chunk there too.
+    assert m.get("first_audio_prefetched") == m.get("prefetched"), m
     assert result["voice_to_voice_ms"] is not None and result["voice_to_voice_ms"] > 0
     # The turn decision is counted in audio time from the last voiced sample: at least the silence window
     # (server_vad, 300 ms by default), and well under a second more (one VAD chunk and Silero's lag).
     silence = runtime.config.vad.silence_duration_ms
     assert silence - 50 <= m["turn_decision_ms"] <= silence + 1000, m
+
+
+async def test_a_long_silence_window_has_the_first_audio_ready_at_the_commit(url, speak, tmp_path) -> None:
+    # 1.2 s of silence leave the speculative transcript time to finish before the commit, even on a busy CPU:
+    # the brains and the first chunk's synthesis start in the window, and the response adopts both.
+    td = {"type": "server_vad", "silence_duration_ms": 1200}
+    result, _ = await ask(url, speak("What is the capital of France?"), tmp_path, "window", tail_s=3.0,
+                          session={"audio": {"input": {"turn_detection": td}}})
+    m = result["server_metrics"]
+    assert result["errors"] == [] and m["status"] == "completed", result
+    assert m.get("prefetched") and m.get("first_audio_prefetched"), m
+    assert "paris" in result["reply_transcript"].lower(), result
 
 
 async def test_two_concurrent_sessions_each_get_their_own_answer(url, judge, speak, tmp_path) -> None:
