@@ -317,6 +317,12 @@ class Runtime:
             except Exception:
                 log.exception("session observer %r failed", observer)
 
+    def asr_has_room(self) -> bool:
+        """Can a speculative transcription start without queueing: fewer turns in Whisper than ASR threads.
+        (One thread on the CPU stack: only when Whisper is idle. With `asr.engine = "torch"` the threads only
+        wait on the GPU's batched decode, and there are many: speculation rides along in the batch.)"""
+        return self.asr_inflight < self.asr_pool._max_workers
+
     async def transcribe(self, audio16k: np.ndarray) -> str:
         self.asr_inflight += 1
         try:

@@ -282,10 +282,10 @@ class Session:
                 self.log.info("ignored %d ms of speech during the reply (echo or noise)",
                               event.audio_end_ms - self.segmenter.detector.turn_audio_start_ms)
                 self._unconfirmed = self._pending_item = None
-        elif isinstance(event, SilenceStarted) and snapshot is not None and self.rt.asr_inflight == 0:
+        elif isinstance(event, SilenceStarted) and snapshot is not None and self.rt.asr_has_room():
             # Transcribe while the silence window runs: if the user stays quiet, the transcript is
-            # ready (or nearly) when the turn is confirmed, taking ASR off the critical path. Only when
-            # Whisper is idle: behind other sessions' turns a speculative pass gains nothing and costs a slot.
+            # ready (or nearly) when the turn is confirmed, taking ASR off the critical path. Only when an ASR
+            # thread is free: behind other sessions' turns a speculative pass gains nothing and costs a slot.
             fut = asyncio.ensure_future(self.rt.transcribe(snapshot))
             self._speculative = fut
             self.spawn(self._prefetch_when_transcribed(fut, self._window_closes(event)), "prefetch")

@@ -12,6 +12,7 @@ import pytest
 
 from common.config import AsrConfig, TtsConfig
 from realtime.runtime import FairPool, LoopMonitor, pool_workers, work_owner
+from tests.realtime.fake_runtime import fake_runtime
 
 
 async def test_a_session_with_many_jobs_does_not_starve_another() -> None:
@@ -170,3 +171,14 @@ async def test_loop_monitor_sees_a_busy_loop_and_its_lag() -> None:
         assert monitor.busy_seconds > 0.1
     finally:
         monitor.stop()
+
+
+def test_speculative_asr_only_while_an_asr_thread_is_free() -> None:
+    rt = fake_runtime()
+    rt.asr_pool = ThreadPoolExecutor(3)  # e.g. asr.engine = "torch": threads that wait on one batched decode
+    for inflight, room in ((0, True), (2, True), (3, False), (5, False)):
+        rt.asr_inflight = inflight
+        assert rt.asr_has_room() is room
+    rt.asr_pool = ThreadPoolExecutor(1)  # the CPU stack's one Whisper thread: only when it is idle
+    rt.asr_inflight = 1
+    assert not rt.asr_has_room()
