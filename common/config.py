@@ -71,11 +71,20 @@ class AsrConfig:
     model: str = "tiny.en"
     # A directory with a CTranslate2 Whisper model overrides `model` (e.g. a larger one on a GPU).
     model_dir: str = ""
+    # Which Whisper runs the model: "ctranslate2" (faster-whisper; fastest on a CPU, int8) or "torch" (the same
+    # model files read into transformers' Whisper, realtime/speech_in/whisper_torch.py): for a GPU CTranslate2
+    # cannot use (CTranslate2 4.x needs CUDA 12's libcublas.so.12), where concurrent turns of all sessions are
+    # batched into one encoder pass and one decode. torch takes compute_type "float16"/"bfloat16"/"float32";
+    # CTranslate2's "int8"/"default" mean float16 on cuda, float32 on cpu. It has no language detection.
+    engine: Literal["ctranslate2", "torch"] = "ctranslate2"
     device: str = "cpu"
     compute_type: str = "int8"
-    cpu_threads: int = 2
-    # Turns transcribed at once: CTranslate2 model replicas (num_workers), each with cpu_threads threads, and as
-    # many ASR pool threads. 1 on the 2-core CPU stack; on a many-core server about cores / 2 / cpu_threads.
+    cpu_threads: int = 2  # CTranslate2 only (torch on a CPU uses the process's torch threads)
+    # Turns transcribed at once, and as many ASR pool threads. ctranslate2: CTranslate2 model replicas
+    # (num_workers), each with cpu_threads threads: 1 on the 2-core CPU stack; on a many-core server about
+    # cores / 2 / cpu_threads. torch: the pool threads only queue their turn and wait, while one worker thread runs
+    # one pass at a time on the device over every turn waiting (up to 32 windows of 30 s), so `workers` bounds the
+    # batch: 32 on a GPU (an H200 transcribes 32 short turns in one pass of ~0.1-0.2 s), not 1.
     workers: int = 1
     beam_size: int = 1
     language: str = "en"

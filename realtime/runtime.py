@@ -31,7 +31,7 @@ from brains.prompts import PromptBuilder
 from brains.scheduler import SchedulerConfig
 from common.audio import SPEECH_RATE
 from common.config import DuetConfig
-from realtime.speech_in.asr import Listener
+from realtime.speech_in.asr import Transcriber, load_listener
 from realtime.speech_in.smart_turn import SmartTurn
 from realtime.speech_in.vad import SileroVad
 from realtime.speech_in.vad_batch import VadBatcher
@@ -230,7 +230,7 @@ class _ObservedEmit:
 class Runtime:
     config: DuetConfig
     vad: SileroVad
-    listener: Listener
+    listener: Transcriber
     synthesizer: Synthesizer
     engine: GenerationEngine
     prompts: PromptBuilder
@@ -276,7 +276,7 @@ class Runtime:
         asr_workers = max(1, config.asr.workers)
         tts_workers = pool_workers(config.tts.workers, per_worker_threads=config.tts.threads)
         runtime = cls(
-            config=config, vad=SileroVad.load(), listener=Listener.load(config.asr),
+            config=config, vad=SileroVad.load(), listener=load_listener(config.asr),
             synthesizer=Synthesizer.load(config.tts), engine=engine, prompts=prompts,
             asr_pool=ThreadPoolExecutor(asr_workers, thread_name_prefix="duet-asr"),
             tts_pool=ThreadPoolExecutor(tts_workers, thread_name_prefix="duet-tts"),
@@ -345,6 +345,9 @@ class Runtime:
     def close(self) -> None:
         self.engine.close()
         self.vad_batcher.close()
+        close = getattr(self.listener, "close", None)  # the torch Whisper's batching thread
+        if close is not None:
+            close()
         for pool in (self.asr_pool, self.tts_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 

@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +31,8 @@ from common.errors import EngineError
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
+
+    from realtime.speech_in.whisper_torch import TorchListener
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +126,24 @@ def resolve_whisper_model(cfg: AsrConfig) -> Path:
 
 
 # ---------------------------------------------------------------- recognition
+
+
+class Transcriber(Protocol):
+    """What the runtime needs of a Whisper: `Listener` (CTranslate2) or `whisper_torch.TorchListener`."""
+
+    def transcribe(self, audio16k: npt.ArrayLike, prompt: str | None = None) -> str: ...
+
+
+def load_listener(cfg: AsrConfig) -> Listener | TorchListener:
+    """The Whisper `cfg.engine` names: "ctranslate2" (faster-whisper, `Listener`) or "torch" (the same model files
+    in torch, turns of all sessions batched on one device: `whisper_torch.TorchListener`)."""
+    if cfg.engine == "ctranslate2":
+        return Listener.load(cfg)
+    if cfg.engine == "torch":
+        from realtime.speech_in.whisper_torch import TorchListener
+
+        return TorchListener.load(cfg, resolve_whisper_model(cfg))
+    raise ValueError(f"unknown asr.engine {cfg.engine!r}; choose \"ctranslate2\" or \"torch\"")
 
 
 def _ct2_version() -> str:

@@ -1,0 +1,678 @@
+"""Whisper in torch, batched across sessions: `TorchListener`, the `asr.engine = "torch"` listener.
+
+The same interface as `asr.Listener` (faster-whisper / CTranslate2), for a GPU that CTranslate2 cannot use (CUDA
+13: CTranslate2 4.x needs libcublas.so.12). The weights are the same CTranslate2 model directory, read into
+transformers' Whisper by `ct2_whisper.load_whisper`.
+
+Every `transcribe` call (from any number of ASR pool threads) prepares its audio (numpy padding, no BLAS), queues
+it and blocks on a Future. One worker thread takes every request waiting (up to `max_batch` 30 s windows), and
+runs on the device: one log-mel STFT over all of them, one encoder pass, one batched greedy decode; then resolves
+the Futures. Concurrent turns of all sessions share one GPU pass instead of queueing for a CPU replica, and the
+pool threads do no heavy work (numpy's multithreaded BLAS from 32 threads at once starved the worker in a test).
+
+Decoding follows what `Listener` asks faster-whisper for (asr.py): English (or asr.language on a multilingual
+model), no timestamps, beam 1, no conditioning on earlier windows, the caller's prompt before the first window,
+faster-whisper's suppressed tokens and blank suppression at the first step, at most CTranslate2's token limit,
+its no-speech rule (a window with no_speech_prob > 0.6 and average log-prob <= -1 says nothing) and its
+temperature fallback (a window whose text compresses more than 2.4x or averages a log-prob below -1 is decoded
+again by sampling best-of-5 at 0.2, 0.4, ... 1.0; seeded, so repeatable for the same batches). One addition: a
+window may not decode more than `_MAX_TOKENS_PER_SECOND` tokens per second of its audio (plus a margin), so a
+decode stuck repeating itself does not hold the whole batch for 224 steps; real speech stays far below it.
+
+The decoder loop is our own (about 60 lines) over the transformers model's weights: a preallocated KV cache,
+cross-attention keys and values computed once per batch, prompts of different lengths left-padded with their
+own positions, finished rows dropped from the batch. The encoder is transformers' `WhisperEncoder`. Shapes are
+kept to a few (rows padded to a power of two, the cache a multiple of 64 slots) and all run once at load on a GPU:
+there a new shape costs seconds the first time (a first batch of 32 took 3.8 s on an H200, later ones 0.08 s).
+Why not transformers' `generate`: it is about as fast on the GPU (bench/asr_torch.py --hf-generate) but gives no
+no-speech probability or per-row limits, cannot place left-padded prompts at their own positions, and its Whisper
+entry point changes between transformers versions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+
+from common.audio import SPEECH_RATE
+from common.config import AsrConfig
+from common.errors import EngineError
+
+if TYPE_CHECKING:
+    from faster_whisper.tokenizer import Tokenizer
+
+    from realtime.speech_in.ct2_whisper import LoadedWhisper
+
+logger = logging.getLogger(__name__)
+
+_MIN_SAMPLES: Final = SPEECH_RATE // 10  # as asr.py: shorter audio is answered with ""
+_N_FRAMES: Final = 3000  # one 30 s window of 10 ms log-mel frames
+MAX_BATCH: Final = 32  # 30 s windows in one pass (a turn longer than 30 s has several)
+# faster-whisper's defaults, which asr.Listener uses.
+_TEMPERATURES: Final = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+_BEST_OF: Final = 5
+_COMPRESSION_RATIO_THRESHOLD: Final = 2.4
+_LOG_PROB_THRESHOLD: Final = -1.0
+_NO_SPEECH_THRESHOLD: Final = 0.6
+_MAX_LENGTH: Final = 448  # Whisper's text context; CTranslate2 decodes at most half of it
+# Our cap on tokens per window: English speech runs ~3-5 tokens a second.
+_MAX_TOKENS_PER_SECOND: Final = 16
+_MIN_TOKEN_CAP: Final = 32
+_FLOAT_TYPES: Final = ("float32", "float16", "bfloat16")
+# CTranslate2 compute types that name no float type for torch: the device's default is used.
+_DEVICE_DEFAULT_TYPES: Final = ("default", "auto", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16")
+
+
+# ---------------------------------------------------------------- requests
+
+
+def bucket(n: int) -> int:
+    """Batch rows are padded to a power of two: few distinct shapes, each warmed at load (see `TorchListener`)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+class _Request:
+    """One `transcribe` call: its audio and windows, prepared on the caller's thread, and the Future it waits on."""
+
+    def __init__(self, signal: np.ndarray, frames: int, windows: list[tuple[int, int, list[int], int]]) -> None:
+        self.signal = signal  # reflect-padded for the STFT (see `prepare_signal`)
+        self.frames = frames  # log-mel frames of the audio
+        self.windows = windows  # (first frame, frame count, prompt tokens, max new tokens) per 30 s window
+        self.future: Future[str] = Future()
+
+    def done(self, texts: list[str]) -> None:
+        if not self.future.done():
+            self.future.set_result(" ".join(t for t in texts if t).strip())
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # generated, without the end token
+    sum_logprob: float  # including the end token's, as CTranslate2 scores it
+    no_speech_prob: float
+
+    @property
+    def avg_logprob(self) -> float:
+        return self.sum_logprob / (len(self.tokens) + 1)
+
+
+# ---------------------------------------------------------------- log-mel features
+
+
+_N_FFT: Final = 400
+_HOP: Final = 160
+
+
+def prepare_signal(audio: np.ndarray) -> tuple[np.ndarray, int]:
+    """faster-whisper's STFT input (FeatureExtractor: 160 zeros appended, then reflect-padded by n_fft/2 on each
+    side) and the number of log-mel frames it gives. Plain numpy, no BLAS: cheap on any caller thread."""
+    padded = np.pad(np.pad(audio, (0, _HOP)), (_N_FFT // 2, _N_FFT // 2), mode="reflect")
+    return padded.astype(np.float32, copy=False), (len(audio) + _HOP) // _HOP
+
+
+class LogMel:
+    """faster-whisper's log-mel spectrogram (feature_extractor.FeatureExtractor), for a batch of signals at once
+    in torch on the model's device: one STFT over zero-padded rows, each row normalized by its own maximum."""
+
+    def __init__(self, n_mels: int, device: torch.device) -> None:
+        from faster_whisper.feature_extractor import FeatureExtractor
+
+        self.filters = torch.from_numpy(FeatureExtractor(feature_size=n_mels).mel_filters).to(device)
+        self.window = torch.hann_window(_N_FFT, periodic=True, device=device)
+        self.device = device
+
+    def __call__(self, signals: Sequence[np.ndarray], frames: Sequence[int], length: int = 0) -> torch.Tensor:
+        """(rows, n_mels, max frames) float32; frames past a row's own count are garbage (never read). The rows are
+        zero-padded to `length` samples or the longest signal."""
+        rows = np.zeros((len(signals), max(length, *(len(s) for s in signals))), dtype=np.float32)
+        for row, signal in zip(rows, signals, strict=True):
+            row[:len(signal)] = signal
+        x = torch.from_numpy(rows).to(self.device, non_blocking=True)
+        spec = torch.stft(x, _N_FFT, _HOP, window=self.window, center=False, return_complex=True)
+        width = max(frames)
+        power = spec[..., :width].abs() ** 2
+        log = torch.clamp(self.filters @ power, min=1e-10).log10()
+        valid = torch.arange(width, device=self.device) < torch.tensor(frames, device=self.device).unsqueeze(1)
+        peak = log.masked_fill(~valid.unsqueeze(1), -math.inf).amax(dim=(1, 2), keepdim=True)
+        return (torch.maximum(log, peak - 8.0) + 4.0) / 4.0
+
+
+# ---------------------------------------------------------------- the decoder
+
+
+@dataclass
+class _Layer:
+    ln1: tuple[torch.Tensor, torch.Tensor]
+    qkv: tuple[torch.Tensor, torch.Tensor]  # fused q, k, v (k's bias is zeros)
+    out: tuple[torch.Tensor, torch.Tensor | None]
+    ln2: tuple[torch.Tensor, torch.Tensor]
+    cross_q: tuple[torch.Tensor, torch.Tensor]
+    cross_kv: tuple[torch.Tensor, torch.Tensor]  # fused k, v of the encoder output
+    cross_out: tuple[torch.Tensor, torch.Tensor | None]
+    ln3: tuple[torch.Tensor, torch.Tensor]
+    fc1: tuple[torch.Tensor, torch.Tensor | None]
+    fc2: tuple[torch.Tensor, torch.Tensor | None]
+
+
+@dataclass
+class _Batch:
+    """Decoder state. `rows[i]` is the caller's index of row i, -1 for a padding row (a copy of another)."""
+
+    rows: list[int]
+    self_k: list[torch.Tensor]  # per layer (B, H, slots, Dh), zeros where nothing is written yet
+    self_v: list[torch.Tensor]
+    cross_k: list[torch.Tensor]  # per layer (B, H, 1500, Dh)
+    cross_v: list[torch.Tensor]
+    pad: torch.Tensor  # (B,) left padding of each row's prompt
+    width: int  # slots the prompts take (the first slot decoding writes)
+
+    def keep(self, keep: list[int], rows: list[int]) -> torch.Tensor:
+        index = torch.tensor(keep, device=self.pad.device)
+        self.rows = rows
+        for tensors in (self.self_k, self.self_v, self.cross_k, self.cross_v):
+            tensors[:] = [t.index_select(0, index) for t in tensors]
+        self.pad = self.pad.index_select(0, index)
+        return index
+
+
+_SLOT_STEP: Final = 64  # the self-attention cache length is a multiple of this (static shapes)
+_PROMPT_STEP: Final = 32  # prompts longer than 4 tokens are left-padded to a multiple of this
+
+
+class WhisperDecoder:
+    """Batched Whisper decoding over a transformers `WhisperForConditionalGeneration`'s weights.
+
+    Shapes are kept to a few: rows padded to a power of two (`bucket`), the self-attention always over the whole
+    cache (a multiple of 64 slots, later ones masked). On a GPU every new shape costs once (kernels loaded and
+    chosen on first use, we believe: a first batch of 32 took 3.8 s on an H200, later ones 0.08 s), so `warm` runs
+    them all at load.
+    """
+
+    def __init__(self, loaded: LoadedWhisper, tokenizer: Tokenizer, suppress: Sequence[int],
+                 suppress_begin: Sequence[int], seed: int = 0) -> None:
+        model = loaded.model
+        self.model = model
+        self.dims = loaded.dims
+        self.tokenizer = tokenizer
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.heads = loaded.dims.decoder_heads
+        self.head_dim = loaded.dims.d_model // self.heads
+        dec = model.model.decoder
+        self.embed_tokens = dec.embed_tokens.weight
+        self.embed_positions = dec.embed_positions.weight
+        self.final_ln = (dec.layer_norm.weight, dec.layer_norm.bias)
+        self.layers: list[_Layer] = []
+        with torch.no_grad():
+            for layer in dec.layers:
+                sa, ca = layer.self_attn, layer.encoder_attn
+                zeros = torch.zeros_like(sa.q_proj.bias)
+                self.layers.append(_Layer(
+                    ln1=(layer.self_attn_layer_norm.weight, layer.self_attn_layer_norm.bias),
+                    qkv=(torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight]),
+                         torch.cat([sa.q_proj.bias, zeros, sa.v_proj.bias])),
+                    out=(sa.out_proj.weight, sa.out_proj.bias),
+                    ln2=(layer.encoder_attn_layer_norm.weight, layer.encoder_attn_layer_norm.bias),
+                    cross_q=(ca.q_proj.weight, ca.q_proj.bias),
+                    cross_kv=(torch.cat([ca.k_proj.weight, ca.v_proj.weight]),
+                              torch.cat([torch.zeros_like(ca.v_proj.bias), ca.v_proj.bias])),
+                    cross_out=(ca.out_proj.weight, ca.out_proj.bias),
+                    ln3=(layer.final_layer_norm.weight, layer.final_layer_norm.bias),
+                    fc1=(layer.fc1.weight, layer.fc1.bias),
+                    fc2=(layer.fc2.weight, layer.fc2.bias),
+                ))
+        vocab = loaded.dims.vocab_size
+        self.suppress = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+        self.suppress[[t for t in suppress if 0 <= t < vocab]] = True
+        self.suppress_begin = self.suppress.clone()
+        self.suppress_begin[[t for t in suppress_begin if 0 <= t < vocab]] = True
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    # -- encoder
+
+    def encode(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, n_mels, 3000) log-mel features -> (B, 1500, d_model) encoder states."""
+        return self.model.model.encoder(features.to(self.device, self.dtype)).last_hidden_state
+
+    def cross_kv(self, encoded: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each decoder layer's cross-attention keys and values (B, H, frames, Dh), once per batch."""
+        b, t, _ = encoded.shape
+        ks, vs = [], []
+        for layer in self.layers:
+            kv = F.linear(encoded, *layer.cross_kv).view(b, t, 2, self.heads, self.head_dim)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+            ks.append(k.contiguous())
+            vs.append(v.contiguous())
+        return ks, vs
+
+    # -- decoder
+
+    def _forward(self, batch: _Batch, ids: torch.Tensor, start: int,
+                 extra_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decoder over `ids` (B, T) written to cache slots start..start+T-1; logits (B, V) of the last slot
+        (and of slot `extra_rows` per row, for the no-speech probability)."""
+        b, t = ids.shape
+        d = self.dims.d_model
+        slots = torch.arange(start, start + t, device=self.device)
+        positions = (slots.unsqueeze(0) - batch.pad.unsqueeze(1)).clamp_(min=0)
+        x = F.embedding(ids, self.embed_tokens) + F.embedding(positions, self.embed_positions)
+        keys = torch.arange(batch.self_k[0].shape[2], device=self.device).view(1, 1, -1)
+        # A key is visible from a query if it is in the row's prompt (not left padding) and not after the query;
+        # a padding query sees itself only (a row with no key at all would make NaNs).
+        visible = (keys >= batch.pad.view(-1, 1, 1)) & (keys <= slots.view(1, -1, 1))
+        visible |= keys == slots.view(1, -1, 1)
+        mask = visible.unsqueeze(1)  # (B, 1, T, slots)
+        for i, layer in enumerate(self.layers):
+            h = F.layer_norm(x, (d,), *layer.ln1)
+            qkv = F.linear(h, *layer.qkv).view(b, t, 3, self.heads, self.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            batch.self_k[i][:, :, start:start + t] = k
+            batch.self_v[i][:, :, start:start + t] = v
+            a = F.scaled_dot_product_attention(q, batch.self_k[i], batch.self_v[i], attn_mask=mask)
+            x = x + F.linear(a.transpose(1, 2).reshape(b, t, d), *layer.out)
+            h = F.layer_norm(x, (d,), *layer.ln2)
+            q = F.linear(h, *layer.cross_q).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, batch.cross_k[i], batch.cross_v[i])
+            x = x + F.linear(a.transpose(1, 2).reshape(b, t, d), *layer.cross_out)
+            h = F.layer_norm(x, (d,), *layer.ln3)
+            x = x + F.linear(F.gelu(F.linear(h, *layer.fc1)), *layer.fc2)
+        last = F.layer_norm(x[:, -1], (d,), *self.final_ln)
+        logits = F.linear(last, self.embed_tokens).float()
+        extra = None
+        if extra_rows is not None:
+            picked = x[torch.arange(b, device=self.device), extra_rows]
+            extra = F.linear(F.layer_norm(picked, (d,), *self.final_ln), self.embed_tokens).float()
+        return logits, extra
+
+    def prefill(self, cross_k: list[torch.Tensor], cross_v: list[torch.Tensor], prompts: Sequence[Sequence[int]],
+                room: int = 0) -> tuple[_Batch, torch.Tensor, torch.Tensor]:
+        """Run the prompts (left-padded to one width, each at its own positions) into a KV cache with at least
+        `room` free slots after them. One row per prompt; `cross_*` may have more rows (padding, ignored).
+        Returns the state, the logits (B, V) after each prompt and those at its <|startoftranscript|> (for the
+        no-speech probability), B = bucket(len(prompts))."""
+        n, b = len(prompts), bucket(len(prompts))
+        if cross_k[0].shape[0] != b:
+            index = torch.tensor([min(i, n - 1) for i in range(b)], device=self.device)
+            cross_k = [k.index_select(0, index) for k in cross_k]
+            cross_v = [v.index_select(0, index) for v in cross_v]
+        prompts = [*prompts, *[prompts[0]] * (b - n)]
+        width = max(len(p) for p in prompts)
+        if width > 4:
+            width = -(-width // _PROMPT_STEP) * _PROMPT_STEP
+        pad = [width - len(p) for p in prompts]
+        ids = torch.tensor([[self.tokenizer.eot] * p + list(prompt) for p, prompt in zip(pad, prompts, strict=True)],
+                           device=self.device)
+        slots = -(-(width + room) // _SLOT_STEP) * _SLOT_STEP
+        cache_shape = (b, self.heads, slots, self.head_dim)
+        batch = _Batch(
+            rows=[*range(n), *[-1] * (b - n)],
+            self_k=[torch.zeros(cache_shape, device=self.device, dtype=self.dtype) for _ in self.layers],
+            self_v=[torch.zeros(cache_shape, device=self.device, dtype=self.dtype) for _ in self.layers],
+            cross_k=list(cross_k), cross_v=list(cross_v),
+            pad=torch.tensor(pad, device=self.device),
+            width=width,
+        )
+        sot = self.tokenizer.sot
+        sot_slots = torch.tensor([p + list(prompt).index(sot) for p, prompt in zip(pad, prompts, strict=True)],
+                                 device=self.device)
+        logits, at_sot = self._forward(batch, ids, 0, extra_rows=sot_slots)
+        assert at_sot is not None
+        return batch, logits, at_sot
+
+    def decode(self, cross_k: list[torch.Tensor], cross_v: list[torch.Tensor], prompts: Sequence[Sequence[int]],
+               max_new: Sequence[int], temperature: float = 0.0) -> list[Hypothesis]:
+        """One hypothesis per prompt: greedy at temperature 0, else sampled. Row i of `cross_*` belongs to
+        prompts[i] (rows past them are padding); it stops at the end token or after max_new[i] tokens."""
+        batch, logits, at_sot = self.prefill(cross_k, cross_v, prompts, room=max(max_new))
+        no_speech = at_sot.softmax(-1)[:, self.tokenizer.no_speech].tolist()
+        hyps = [Hypothesis([], 0.0, p) for p in no_speech[:len(prompts)]]
+        slot = batch.width
+        step = 0
+        while True:
+            logits.masked_fill_(self.suppress_begin if step == 0 else self.suppress, -math.inf)
+            logprobs = logits.log_softmax(-1)
+            if temperature > 0:
+                probs = (logits / temperature).softmax(-1)
+                tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+            else:
+                tokens = logits.argmax(-1)
+            chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+            token_list, chosen_list = tokens.tolist(), chosen.tolist()
+            alive: list[int] = []
+            for i, row in enumerate(batch.rows):
+                if row < 0:
+                    continue
+                hyp = hyps[row]
+                hyp.sum_logprob += chosen_list[i]
+                if token_list[i] == self.tokenizer.eot:
+                    continue
+                hyp.tokens.append(token_list[i])
+                if len(hyp.tokens) < max_new[row]:
+                    alive.append(i)
+            step += 1
+            if not alive:
+                break
+            size = bucket(len(alive))
+            if size < len(batch.rows):  # fewer rows: the next bucket down, padded with copies
+                keep = [*alive, *[alive[0]] * (size - len(alive))]
+                rows = [*(batch.rows[i] for i in alive), *[-1] * (size - len(alive))]
+                tokens = tokens.index_select(0, batch.keep(keep, rows))
+            logits, _ = self._forward(batch, tokens.unsqueeze(1), slot)
+            slot += 1
+        return hyps
+
+    def warm(self, max_rows: int, n_mels: int) -> None:
+        """Run every shape decoding can meet with up to `max_rows` rows: each row bucket through the encoder,
+        a prefill and one step at each cache length (and sampling once). The temperature fallback's decodes of
+        more rows (best-of-5 of many rows at once, rare) pay for their first shape when they come."""
+        prompt = [*self.tokenizer.sot_sequence, self.tokenizer.no_timestamps]
+        slots = -(-(_MAX_LENGTH + 2 * _PROMPT_STEP) // _SLOT_STEP) * _SLOT_STEP
+        b = 1
+        while b <= bucket(max_rows):
+            features = torch.zeros((b, n_mels, _N_FRAMES), device=self.device, dtype=self.dtype)
+            cross_k, cross_v = self.cross_kv(self.encode(features))
+            for length in range(_SLOT_STEP, slots + 1, _SLOT_STEP):
+                batch, logits, _ = self.prefill(cross_k, cross_v, [prompt] * b, room=length - len(prompt))
+                logits.masked_fill_(self.suppress, -math.inf).log_softmax(-1).argmax(-1).tolist()
+                self._forward(batch, logits.argmax(-1).unsqueeze(1), len(prompt))
+            b *= 2
+        self.decode(cross_k, cross_v, [prompt], [2], temperature=1.0)
+# ---------------------------------------------------------------- the listener
+
+
+def _compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data))
+
+
+def resolve_device(cfg: AsrConfig) -> tuple[torch.device, torch.dtype]:
+    """The torch device and float type for `cfg`, or EngineError saying why the device cannot be used."""
+    try:
+        device = torch.device(cfg.device)
+    except (RuntimeError, ValueError) as exc:
+        raise EngineError(f"asr.device = {cfg.device!r} is not a torch device ({exc}); with asr.engine = \"torch\" "
+                          "use \"cpu\", \"cuda\" or \"cuda:N\"") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is built without CUDA" if torch.version.cuda is None
+                   else f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU")
+            raise EngineError(f"asr.device = {cfg.device!r} cannot be used by asr.engine = \"torch\": {why}. "
+                              "Fix: set asr.device = \"cpu\" (e.g. --set asr.device=cpu), or run where "
+                              "torch.cuda.is_available() is true.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EngineError(f"asr.device = {cfg.device!r}: there are only {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise EngineError(f"asr.device = {cfg.device!r}: asr.engine = \"torch\" runs on \"cpu\" or \"cuda\"")
+    if cfg.compute_type in _FLOAT_TYPES:
+        dtype = getattr(torch, cfg.compute_type)
+    elif cfg.compute_type in _DEVICE_DEFAULT_TYPES:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    else:
+        raise ValueError(f"asr.compute_type = {cfg.compute_type!r}: asr.engine = \"torch\" takes one of "
+                         f"{_FLOAT_TYPES}, or a CTranslate2 type {_DEVICE_DEFAULT_TYPES} meaning the device's "
+                         "default (float16 on cuda, float32 on cpu)")
+    return device, dtype
+
+
+class TorchListener:
+    """Whisper on a torch device, one batched pass for all concurrent calls. `transcribe` is blocking and
+    thread-safe: call it from as many threads as turns should be batched together (the ASR pool)."""
+
+    def __init__(self, loaded: LoadedWhisper, cfg: AsrConfig, *, max_batch: int = MAX_BATCH, seed: int = 0) -> None:
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        self.cfg = cfg
+        self.path = loaded.path
+        self.max_batch = max(1, max_batch)
+        multilingual = loaded.dims.multilingual
+        if multilingual and not cfg.language:
+            raise ValueError("asr.language is empty: asr.engine = \"torch\" does not detect the language; "
+                             "name it (e.g. asr.language = \"en\")")
+        # As asr.Listener: English-only models always decode English.
+        self.language: str | None = cfg.language if multilingual else None
+        self.tokenizer = Tokenizer(loaded.tokenizer, multilingual, task="transcribe", language=self.language)
+        suppress = get_suppressed_tokens(self.tokenizer, [-1])
+        begin = [int(t) for t in loaded.ct2_config.get("suppress_ids_begin") or []]  # type: ignore[attr-defined]
+        self.decoder = WhisperDecoder(loaded, self.tokenizer, suppress or (), begin, seed=seed)
+        self.device = self.decoder.device
+        self.dtype = self.decoder.dtype
+        self.n_mels = loaded.dims.n_mels
+        self.log_mel = LogMel(self.n_mels, self.device)
+        self.batches = 0  # worker passes run (stats for tests and benchmarks)
+        self.windows = 0
+        self.max_seen_batch = 0
+        self.busy_s = 0.0  # worker time in batches
+        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="duet-asr-torch", daemon=True)
+        self._worker.start()
+
+    @classmethod
+    def load(cls, cfg: AsrConfig, path: Path, *, max_batch: int = MAX_BATCH) -> TorchListener:
+        """The CTranslate2 Whisper directory `path` (asr.resolve_whisper_model(cfg); asr.load_listener passes it)
+        on cfg.device. EngineError if the device cannot be used."""
+        from realtime.speech_in.ct2_whisper import load_whisper
+
+        if cfg.beam_size != 1:
+            raise ValueError(f"asr.beam_size = {cfg.beam_size}: asr.engine = \"torch\" decodes greedily (beam 1)")
+        device, dtype = resolve_device(cfg)
+        started = time.perf_counter()
+        listener: TorchListener | None = None
+        try:
+            loaded = load_whisper(path, device=device, dtype=dtype)
+            listener = cls(loaded, cfg, max_batch=max_batch)
+            if device.type != "cpu":
+                # Every shape once, now: a GPU that torch sees but cannot run on fails at start, not on a turn, and
+                # no turn pays for loading kernels (seconds on a cold H200).
+                with torch.inference_mode():
+                    listener.decoder.warm(listener.max_batch, listener.n_mels)
+                listener.transcribe(np.zeros(SPEECH_RATE, dtype=np.float32))
+        except (RuntimeError, OSError) as exc:
+            if listener is not None:
+                listener.close()
+            if device.type == "cpu":
+                raise
+            raise EngineError(f"asr.device = {cfg.device!r} cannot be used by asr.engine = \"torch\": {exc}. "
+                              "Fix: set asr.device = \"cpu\".") from exc
+        logger.info("loaded Whisper %s in torch (%s, %s, batches of up to %d windows) in %.1f s", path, device,
+                    str(dtype).removeprefix("torch."), listener.max_batch, time.perf_counter() - started)
+        return listener
+
+    # -- callers' side
+
+    def transcribe(self, audio16k: npt.ArrayLike, prompt: str | None = None) -> str:
+        """Text of mono 16 kHz float32 audio; `prompt` (earlier conversation) biases spelling."""
+        audio = np.ascontiguousarray(audio16k, dtype=np.float32)
+        if audio.ndim != 1:
+            raise ValueError(f"expected mono 1-D audio, got shape {audio.shape}")
+        if len(audio) < _MIN_SAMPLES:
+            return ""
+        if self._closed:
+            raise EngineError("the torch Whisper listener is closed")
+        request = self._request(audio, prompt)
+        self._queue.put(request)
+        return request.future.result()
+
+    def _request(self, audio: np.ndarray, prompt: str | None) -> _Request:
+        """faster-whisper's windows: consecutive 30 s of log-mel frames (the last frame left out, as it does), each
+        zero-padded to 30 s; the prompt goes before the first only (no conditioning on previous text)."""
+        signal, frames = prepare_signal(audio)
+        content = frames - 1
+        tok = self.tokenizer
+        windows = []
+        for index, seek in enumerate(range(0, content, _N_FRAMES)):
+            size = min(_N_FRAMES, content - seek)
+            tokens: list[int] = []
+            if index == 0 and prompt and prompt.strip():
+                tokens = [tok.sot_prev, *tok.encode(" " + prompt.strip())[-(_MAX_LENGTH // 2 - 1):]]
+            tokens += [*tok.sot_sequence, tok.no_timestamps]
+            # CTranslate2: at most half the text context, and no more than the context left after the prompt.
+            ct2_cap = min(_MAX_LENGTH // 2, _MAX_LENGTH - (len(tokens) - 1))
+            ours = _MIN_TOKEN_CAP + math.ceil(_MAX_TOKENS_PER_SECOND * size / 100)
+            windows.append((seek, size, tokens, min(ct2_cap, ours)))
+        return _Request(signal, frames, windows)
+
+    def features(self, audio: npt.ArrayLike) -> torch.Tensor:
+        """The log-mel windows (windows, n_mels, 3000) this listener decodes for `audio`, float32 on its device."""
+        return self._features([self._request(np.ascontiguousarray(audio, dtype=np.float32), None)])[0]
+
+    # -- the worker
+
+    def close(self) -> None:
+        """Stop the worker (calls waiting now get an EngineError); idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._worker.join(timeout=30)
+
+    def _run(self) -> None:
+        pending: list[_Request] = []
+        stop = False
+        while True:
+            if not pending:
+                first = self._queue.get()
+                if first is None:
+                    break
+                pending.append(first)
+            windows = len(pending[0].windows)
+            batch = [pending.pop(0)]
+            while not stop:  # everything waiting, up to max_batch windows (a longer request goes alone)
+                if not pending:
+                    try:
+                        request = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if request is None:
+                        stop = True
+                        break
+                    pending.append(request)
+                if windows + len(pending[0].windows) > self.max_batch:
+                    break
+                windows += len(pending[0].windows)
+                batch.append(pending.pop(0))
+            if stop:
+                pending.extend(batch)
+                break
+            try:
+                started = time.perf_counter()
+                with torch.inference_mode():
+                    texts = self._transcribe_batch(batch)
+                self.busy_s += time.perf_counter() - started
+            except Exception as exc:
+                logger.exception("torch Whisper failed a batch of %d windows", windows)
+                for request in batch:
+                    request.fail(EngineError(f"Whisper (torch) failed: {exc}"))
+                continue
+            for request, request_texts in zip(batch, texts, strict=True):
+                request.done(request_texts)
+        closed = EngineError("the torch Whisper listener is closed")
+        for request in pending:
+            request.fail(closed)
+        while True:
+            try:
+                left = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if left is not None:
+                left.fail(closed)
+
+    def _features(self, requests: list[_Request]) -> list[torch.Tensor]:
+        """Each request's windows of log-mel frames, (windows, n_mels, 3000) float32 on the device."""
+        # Rows and length rounded up (to a power of two, to whole seconds): few STFT shapes.
+        rows = bucket(len(requests))
+        length = max(len(r.signal) for r in requests)
+        length = -(-length // SPEECH_RATE) * SPEECH_RATE
+        empty = np.zeros(_N_FFT, dtype=np.float32)
+        signals = [r.signal for r in requests] + [empty] * (rows - len(requests))
+        mel = self.log_mel(signals, [r.frames for r in requests] + [1] * (rows - len(requests)), length)
+        out = []
+        for row, request in enumerate(requests):
+            windows = torch.zeros((len(request.windows), self.n_mels, _N_FRAMES), device=self.device)
+            for i, (seek, size, _, _) in enumerate(request.windows):
+                windows[i, :, :size] = mel[row, :, seek:seek + size]
+            out.append(windows)
+        return out
+
+    def _transcribe_batch(self, requests: list[_Request]) -> list[list[str]]:
+        """Every window of `requests` through one encoder pass and one decode; their texts, per request."""
+        windows = [w for r in requests for w in r.windows]
+        self.batches += 1
+        self.windows += len(windows)
+        self.max_seen_batch = max(self.max_seen_batch, len(windows))
+        rows = bucket(len(windows))
+        features = torch.zeros((rows, self.n_mels, _N_FRAMES), device=self.device)
+        torch.cat(self._features(requests), out=features[:len(windows)])
+        cross_k, cross_v = self.decoder.cross_kv(self.decoder.encode(features))
+        results = self._decode_with_fallback(cross_k, cross_v, [w[2] for w in windows], [w[3] for w in windows])
+        texts = []
+        for hyp, avg, _ratio in results:
+            if hyp.no_speech_prob > _NO_SPEECH_THRESHOLD and not avg > _LOG_PROB_THRESHOLD:
+                texts.append("")  # faster-whisper skips a window that sounds like no speech
+            else:
+                texts.append(self.tokenizer.decode(hyp.tokens).strip())
+        out, at = [], 0
+        for request in requests:
+            out.append(texts[at:at + len(request.windows)])
+            at += len(request.windows)
+        return out
+
+    def _decode_with_fallback(self, cross_k: list[torch.Tensor], cross_v: list[torch.Tensor],
+                              prompts: list[list[int]], max_new: list[int]) -> list[tuple[Hypothesis, float, float]]:
+        """faster-whisper's `generate_with_fallback`, for a batch: rows that fail the thresholds at one
+        temperature are decoded again, all together, at the next."""
+        n = len(prompts)
+        tried: list[list[tuple[Hypothesis, float, float]]] = [[] for _ in range(n)]
+        chosen: list[tuple[Hypothesis, float, float] | None] = [None] * n
+        todo = list(range(n))
+        for temperature in _TEMPERATURES:
+            if temperature == 0:
+                hyps = dict(enumerate(self.decoder.decode(cross_k, cross_v, prompts, max_new)))
+            else:
+                # best_of samples of every row left, in one decode; each row keeps its best (by average log-prob).
+                index = torch.tensor(todo, device=self.device).repeat_interleave(_BEST_OF)
+                samples = self.decoder.decode(
+                    [k.index_select(0, index) for k in cross_k], [v.index_select(0, index) for v in cross_v],
+                    [prompts[i] for i in todo for _ in range(_BEST_OF)],
+                    [max_new[i] for i in todo for _ in range(_BEST_OF)], temperature)
+                hyps = {i: max(samples[j * _BEST_OF:(j + 1) * _BEST_OF], key=lambda h: h.avg_logprob)
+                        for j, i in enumerate(todo)}
+            still: list[int] = []
+            for i in todo:
+                hyp = hyps[i]
+                ratio = _compression_ratio(self.tokenizer.decode(hyp.tokens).strip())
+                result = (hyp, hyp.avg_logprob, ratio)
+                tried[i].append(result)
+                needs_fallback = ratio > _COMPRESSION_RATIO_THRESHOLD or hyp.avg_logprob < _LOG_PROB_THRESHOLD
+                if hyp.no_speech_prob > _NO_SPEECH_THRESHOLD and hyp.avg_logprob < _LOG_PROB_THRESHOLD:
+                    needs_fallback = False  # silence: faster-whisper keeps it (and then skips the window)
+                if needs_fallback:
+                    still.append(i)
+                else:
+                    chosen[i] = result
+            todo = still
+            if not todo:
+                break
+        for i in todo:  # every temperature failed: the best average log-prob, preferring unrepetitive texts
+            fine = [r for r in tried[i] if r[2] <= _COMPRESSION_RATIO_THRESHOLD]
+            chosen[i] = max(fine or tried[i], key=lambda r: r[1])
+        return [c for c in chosen if c is not None]
