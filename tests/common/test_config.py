@@ -152,3 +152,10 @@ def test_a_list_of_strings_loads_as_a_tuple_and_anything_else_raises() -> None:
     for bad in ("yeah", ["yeah", 1]):
         with pytest.raises(ConfigError, match="backchannels"):
             merge(DuetConfig(), {"barge_in": {"backchannels": bad}})
+
+
+@pytest.mark.parametrize("name", ["default", "gpu", "vllm", "remote"])
+def test_every_shipped_config_loads(name: str) -> None:
+    # A typo'd key or a wrong type in a shipped file would otherwise surface only on the machine it is for.
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / f"{name}.toml")
+    assert isinstance(cfg, DuetConfig)

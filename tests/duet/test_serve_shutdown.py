@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from realtime import transcripts
+from tests.duet.serve_process import serve
 
 pytestmark = pytest.mark.integration
 
@@ -28,33 +26,12 @@ pytestmark = pytest.mark.integration
 # reply does. The reply is kept short (nothink, 40 tokens) so that it mostly does not.
 GRACE_S = 120.0
 MARGIN_S = 30.0  # closing the runtime (engine thread, pools) on a loaded 2-core machine
-REPO = Path(__file__).resolve().parents[2]
 
 
 def start(tmp_path: Path) -> tuple[subprocess.Popen[str], str, Path]:
-    stderr = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "duet.cli", "serve", "--port", "0", "--log-format", "json",
-           "--set", f"server.shutdown_grace_seconds={GRACE_S}", "--set", 'mind.mode="nothink"',
-           "--set", "llm.max_reply_tokens=40",
-           "--set", f"server.transcripts_dir={json.dumps(str(tmp_path / 'transcripts'))}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr.open("w"), text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    found: list[str] = []
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("listening on"):
-                found.append(line.split()[-1])
-                break
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout=300)
-    if not found:
-        proc.kill()
-        pytest.fail(f"server did not start: {stderr.read_text()[-2000:]}")
-    return proc, found[0], stderr
+    return serve(tmp_path, "--log-format", "json", "--set", f"server.shutdown_grace_seconds={GRACE_S}",
+                 "--set", 'mind.mode="nothink"', "--set", "llm.max_reply_tokens=40",
+                 "--set", f"server.transcripts_dir={json.dumps(str(tmp_path / 'transcripts'))}")
 
 
 async def test_sigterm_mid_reply_drains_then_closes_1001_and_exits_0(tmp_path: Path) -> None:
