@@ -397,6 +397,8 @@ class Session:
             await asyncio.sleep(interval)
             if self._pending_item != item_id:
                 return
+            if not self.rt.asr_has_room(0.5):
+                continue  # under load a partial gives way: the final transcripts of ended turns go first
             audio = await self.rt.vad_batcher.call(self.segmenter, self.segmenter.current_turn_audio)
             if len(audio) < audio_codec.SPEECH_RATE // 2:
                 continue

@@ -179,6 +179,13 @@ def test_speculative_asr_only_while_an_asr_thread_is_free() -> None:
     for inflight, room in ((0, True), (2, True), (3, False), (5, False)):
         rt.asr_inflight = inflight
         assert rt.asr_has_room() is room
+    rt.asr_pool = ThreadPoolExecutor(32)  # configs/gpu.toml: partial transcripts leave half the batch to final ones
+    rt.asr_inflight = 15
+    assert rt.asr_has_room(0.5)
+    rt.asr_inflight = 16
+    assert not rt.asr_has_room(0.5) and rt.asr_has_room()
     rt.asr_pool = ThreadPoolExecutor(1)  # the CPU stack's one Whisper thread: only when it is idle
     rt.asr_inflight = 1
-    assert not rt.asr_has_room()
+    assert not rt.asr_has_room() and not rt.asr_has_room(0.5)
+    rt.asr_inflight = 0
+    assert rt.asr_has_room(0.5)
