@@ -382,6 +382,9 @@ def run_level(port: int, audio: list[np.ndarray], mode: str, sessions: int, turn
         **{f"{stage[:-3]}_p50_ms": median([x.get(stage) for x in m]) for stage in STAGES},
         "underruns": sum(int(r.get("underruns") or 0) for r in results),
         "errors": sum(len(r.get("errors") or []) for r in results),
+        # Turns whose reply the brains started in the silence window, and whose first audio was synthesized there.
+        "prefetched": sum(1 for x in m if x.get("prefetched")),
+        "first_audio_prefetched": sum(1 for x in m if x.get("first_audio_prefetched")),
         **busy_shares(before, after, wall),
         "asr_queue_peak": peaks.get("asr"), "tts_queue_peak": peaks.get("tts"),
         "event_loop_lag_peak_ms": round(1000 * peaks.get("loop_lag_s", 0.0), 1),
@@ -399,7 +402,7 @@ def run_level(port: int, audio: list[np.ndarray], mode: str, sessions: int, turn
                      "voice_to_voice_ms": r["voice_to_voice_ms"],
                      **{k: r.get(k) for k in ("speech_stopped_ms", "committed_ms", "commit_backlog_ms",
                                               "vad_end_before_audio_end_ms", "underruns")},
-                     **{k: r["server_metrics"].get(k) for k in STAGES},
+                     **{k: r["server_metrics"].get(k) for k in (*STAGES, "prefetched", "first_audio_prefetched")},
                      "errors": [str(e)[:300] for e in r.get("errors") or []]} for r in results],
     }
 
