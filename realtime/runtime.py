@@ -238,7 +238,7 @@ class Runtime:
     tts_pool: ThreadPoolExecutor
     # Open sessions by id, registered by the server; one registry, so rate_limits.updated can count them.
     sessions: dict[str, object] = field(default_factory=dict)
-    asr_inflight: int = 0  # transcriptions queued or running (speculative ones only start when it is 0)
+    asr_inflight: int = 0  # transcriptions queued or running (optional ones start only below a share: asr_has_room)
     warmed: bool = False  # every model ran once (`warm`): the process is ready for sessions (/readyz)
     observers: list[RuntimeObserver] = field(default_factory=list)
     session_observers: list[SessionObserver] = field(default_factory=list)
@@ -325,12 +325,17 @@ class Runtime:
         peak 60) and final transcripts waited behind them (p50 743 ms)."""
         return self.asr_inflight < max(1, int(self.asr_pool._max_workers * share))
 
-    async def transcribe(self, audio16k: np.ndarray) -> str:
+    def transcribe(self, audio16k: np.ndarray) -> asyncio.Task[str]:
+        """Whisper on `audio16k` in the ASR pool, as a task to await. Counted in `asr_inflight` from this call on,
+        not from when the task first runs: sessions woken by one VAD round all check `asr_has_room` before any
+        of their tasks starts, and must see each other's claims."""
         self.asr_inflight += 1
-        try:
-            return await self.run_in(self.asr_pool, self.listener.transcribe, audio16k)
-        finally:
-            self.asr_inflight -= 1
+        task = asyncio.ensure_future(self.run_in(self.asr_pool, self.listener.transcribe, audio16k))
+        task.add_done_callback(self._transcribed)
+        return task
+
+    def _transcribed(self, _task: asyncio.Task[str]) -> None:
+        self.asr_inflight -= 1
 
     async def run_in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any,
                      deadline: float = math.inf) -> T:

@@ -139,8 +139,12 @@ class Response:
                 self.item.unsent = speech.unsent()  # before _finish cuts the item: part of what went unheard
             if self.prefetch is not None:
                 # The speculative first audio, if no speech took it (a text-only reply, one that failed or
-                # was cancelled before its first chunk): a job still queued in the TTS pool is skipped.
-                self.prefetch.drop_first_audio()
+                # was cancelled before its first chunk): a job still queued in the TTS pool is skipped. A reply
+                # that did not complete also stops the prefetch's generation (it may never have been read).
+                if self.status == "completed":
+                    self.prefetch.drop_first_audio()
+                else:
+                    self.prefetch.cancel()
             self._finish()
 
     def _open_message(self) -> None:

@@ -37,6 +37,7 @@ from realtime.speech_in import barge_in
 from realtime.speech_in.vad import SilenceStarted, SpeechResumed, SpeechStarted, SpeechStopped, TurnEvent, VadSegmenter
 
 log = logging.getLogger(__name__)
+_MERGE_CHUNKS = 4  # queued input chunks joined to one VAD job (with the one taken: ~100 ms of 20 ms chunks)
 
 Emit = Callable[[ev.ServerEvent], None]
 # Rounds of server tool results (MQTT tools) answered by a response that may call tools again.
@@ -229,10 +230,13 @@ class Session:
             if data is None:
                 return
             # Chunks that queued while the last one was in the VAD go through it as one job: behind a busy
-            # VAD thread a session catches up in one round trip instead of one per chunk.
-            while not self._audio_in.empty():
+            # VAD thread a session catches up in a few round trips instead of one per chunk. At most a few, so
+            # the barge-in guard's level window (`_near`, one entry per job) stays about half a second.
+            for _ in range(_MERGE_CHUNKS):
+                if self._audio_in.empty():
+                    break
                 more = self._audio_in.get_nowait()
-                if more is None:  # closing: after this audio (nothing can be queued behind the None)
+                if more is None:  # the close sentinel: after this audio
                     self._audio_in.put_nowait(None)
                     break
                 data += more
@@ -251,17 +255,10 @@ class Session:
                 self._manual_samples += len(samples)
                 continue
             self._near.append((float(np.dot(samples, samples)), len(samples)))
-            turn_events, snapshot = await self.rt.vad_batcher.feed(self.segmenter, samples, self._after_vad)
-            for event in turn_events:
-                self._on_turn_event(event, snapshot)
+            for event in await self.rt.vad_batcher.feed(self.segmenter, samples, list):
+                self._on_turn_event(event)
 
-    def _after_vad(self, events: list[TurnEvent]) -> tuple[list[TurnEvent], np.ndarray | None]:
-        """Runs on the VAD thread; snapshots the turn's audio there when the user falls silent."""
-        snapshot = self.segmenter.current_turn_audio() if any(isinstance(x, SilenceStarted) for x in events) \
-            else None
-        return events, snapshot
-
-    def _on_turn_event(self, event: TurnEvent, snapshot: np.ndarray | None) -> None:
+    def _on_turn_event(self, event: TurnEvent) -> None:
         if isinstance(event, SpeechStarted):
             item_id = self._pending_item = ev.new_id("item")
             self._cut = None  # the user spoke again after the interrupting turn: they have more to say
@@ -282,11 +279,12 @@ class Session:
                 self.log.info("ignored %d ms of speech during the reply (echo or noise)",
                               event.audio_end_ms - self.segmenter.detector.turn_audio_start_ms)
                 self._unconfirmed = self._pending_item = None
-        elif isinstance(event, SilenceStarted) and snapshot is not None and self.rt.asr_has_room():
+        elif isinstance(event, SilenceStarted) and len(event.audio) >= audio_codec.SPEECH_RATE // 10 \
+                and self.rt.asr_has_room():
             # Transcribe while the silence window runs: if the user stays quiet, the transcript is
             # ready (or nearly) when the turn is confirmed, taking ASR off the critical path. Only when an ASR
             # thread is free: behind other sessions' turns a speculative pass gains nothing and costs a slot.
-            fut = asyncio.ensure_future(self.rt.transcribe(snapshot))
+            fut = self.rt.transcribe(event.audio)
             self._speculative = fut
             self.spawn(self._prefetch_when_transcribed(fut, self._window_closes(event)), "prefetch")
         elif isinstance(event, SpeechResumed):
@@ -297,9 +295,9 @@ class Session:
             self.emit(ev.SpeechStopped(audio_end_ms=event.audio_end_ms, item_id=item_id))
             speculative, prefetch = self._speculative, self._prefetch
             self._speculative = self._prefetch = None
-            # How long after the user's last voiced sample the turn was decided, in audio time: the input
-            # loop feeds one chunk at a time, so the detector's clock is where this decision was made.
-            decided_ms = max(0, self.segmenter.detector.now_ms - event.audio_end_ms)
+            # How long after the user's last voiced sample the turn was decided, in audio time (the detector's
+            # clock at the decision: a merged chunk may have fed it further since).
+            decided_ms = max(0, event.decided_ms - event.audio_end_ms)
             self._commit_turn(item_id, event.audio, speculative, prefetch, speech_end_ms=event.audio_end_ms,
                               turn_decision_ms=decided_ms)
 
@@ -400,8 +398,8 @@ class Session:
             if not self.rt.asr_has_room(0.5):
                 continue  # under load a partial gives way: the final transcripts of ended turns go first
             audio = await self.rt.vad_batcher.call(self.segmenter, self.segmenter.current_turn_audio)
-            if len(audio) < audio_codec.SPEECH_RATE // 2:
-                continue
+            if len(audio) < audio_codec.SPEECH_RATE // 2 or not self.rt.asr_has_room(0.5):
+                continue  # (checked again: other sessions may have claimed ASR threads during that await)
             text = await self.rt.transcribe(audio)
             if self._pending_item != item_id:
                 return
@@ -484,6 +482,17 @@ class Session:
     async def _transcribe_turn(self, item: Item, audio: np.ndarray, speculative: asyncio.Future[str] | None,
                                prefetch: Prefetch | None, committed_at: float, speech_end_ms: int | None,
                                turn_decision_ms: int | None = None) -> None:
+        try:
+            await self._answer_turn(item, audio, speculative, prefetch, committed_at, speech_end_ms, turn_decision_ms)
+        finally:
+            # Not handed to a response (or the turn failed or the session closed on the way): the speculative
+            # reply's generation holds KV slots and its first audio a TTS job until cancelled. Idempotent.
+            if prefetch is not None and (self.response is None or self.response.prefetch is not prefetch):
+                prefetch.cancel()
+
+    async def _answer_turn(self, item: Item, audio: np.ndarray, speculative: asyncio.Future[str] | None,
+                           prefetch: Prefetch | None, committed_at: float, speech_end_ms: int | None,
+                           turn_decision_ms: int | None) -> None:
         history_before = self.history.messages()
         text = await (speculative if speculative is not None else self.rt.transcribe(audio))
         item.text, item.status = text, "completed"

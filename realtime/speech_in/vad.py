@@ -161,6 +161,9 @@ class SpeechStarted:
 @dataclass(frozen=True)
 class SilenceStarted:
     at_ms: int  # first unvoiced frame after speech: the turn may be ending, transcription can start
+    # The turn's audio at this moment, for a speculative transcript: taken here, not by the caller afterwards,
+    # because one fed chunk may also end the turn (or start the next) after this event.
+    audio: FloatArray = field(default_factory=lambda: np.zeros(0, dtype=np.float32), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,8 @@ class SpeechStopped:
     audio: FloatArray = field(compare=False, repr=False)
     # True when max_turn_ms cut the turn short.
     forced: bool = False
+    # The detector's clock (ms of audio fed) when it decided: the caller may have fed more since.
+    decided_ms: int = field(default=0, compare=False)
 
 
 TurnEvent = SpeechStarted | SilenceStarted | SpeechResumed | SpeechStopped
@@ -326,7 +331,7 @@ class TurnDetector:
             self._state = _State.TRAILING
             self._silence_start = start
             self._asked = False
-            events.append(SilenceStarted(at_ms=_ms(start)))
+            events.append(SilenceStarted(at_ms=_ms(start), audio=self._turn.array()))
         elif prob >= self.cfg.threshold:
             # Like VADIterator, only a frame back above the full threshold resumes the turn.
             self._state = _State.SPEAKING
@@ -374,7 +379,7 @@ class TurnDetector:
         self._turn.clear()
         self._state = _State.IDLE
         logger.debug("speech stopped at %d ms%s", _ms(end), " (max turn length)" if forced else "")
-        return SpeechStopped(audio_end_ms=_ms(end), audio=audio, forced=forced)
+        return SpeechStopped(audio_end_ms=_ms(end), audio=audio, forced=forced, decided_ms=_ms(self._clock))
 
 
 # ---------------------------------------------------------------- glue

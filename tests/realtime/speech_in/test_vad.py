@@ -431,3 +431,16 @@ def test_turn_model_hears_at_most_the_last_8_seconds() -> None:
     assert len(model.asked) == 1
     assert len(model.asked[0]) == 8 * 16000
     np.testing.assert_array_equal(model.asked[0], signal(0, 304)[-8 * 16000:])
+
+
+def test_silence_started_carries_the_turn_so_far_even_when_the_same_feed_ends_the_turn() -> None:
+    # One fed chunk can hold the pause and the end of the turn: the speculative transcript must still get the
+    # turn's audio (taken at the pause), and the decision time is the detector's clock at the stop.
+    det = TurnDetector(VadConfig(min_speech_ms=0, prefix_padding_ms=0, silence_duration_ms=10 * FRAME_MS))
+    events = [e for _, e in feed_all(det, [SPEECH] * 20 + [SILENCE] * 15)]
+    assert [type(e) for e in events] == [SpeechStarted, SilenceStarted, SpeechStopped]
+    silence, stop = events[1], events[2]
+    assert isinstance(silence, SilenceStarted) and isinstance(stop, SpeechStopped)
+    np.testing.assert_array_equal(silence.audio, signal(0, 21))  # through the first silent frame
+    assert stop.decided_ms - stop.audio_end_ms == 10 * FRAME_MS
+    assert det.now_ms > stop.decided_ms  # the feed went on after the decision
