@@ -463,6 +463,7 @@ class TorchListener:
         self.max_seen_batch = 0
         self.busy_s = 0.0  # worker time in batches
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="duet-asr-torch", daemon=True)
         self._worker.start()
@@ -507,10 +508,11 @@ class TorchListener:
             raise ValueError(f"expected mono 1-D audio, got shape {audio.shape}")
         if len(audio) < _MIN_SAMPLES:
             return ""
-        if self._closed:
-            raise EngineError("the torch Whisper listener is closed")
         request = self._request(audio, prompt)
-        self._queue.put(request)
+        with self._lock:  # with close(): a request is queued before the worker's stop sentinel, or refused
+            if self._closed:
+                raise EngineError("the torch Whisper listener is closed")
+            self._queue.put(request)
         return request.future.result()
 
     def _request(self, audio: np.ndarray, prompt: str | None) -> _Request:
@@ -540,10 +542,12 @@ class TorchListener:
 
     def close(self) -> None:
         """Stop the worker (calls waiting now get an EngineError); idempotent."""
-        if not self._closed:
+        with self._lock:
+            if self._closed:
+                return
             self._closed = True
             self._queue.put(None)
-            self._worker.join(timeout=30)
+        self._worker.join(timeout=30)
 
     def _run(self) -> None:
         pending: list[_Request] = []
@@ -573,18 +577,7 @@ class TorchListener:
             if stop:
                 pending.extend(batch)
                 break
-            try:
-                started = time.perf_counter()
-                with torch.inference_mode():
-                    texts = self._transcribe_batch(batch)
-                self.busy_s += time.perf_counter() - started
-            except Exception as exc:
-                logger.exception("torch Whisper failed a batch of %d windows", windows)
-                for request in batch:
-                    request.fail(EngineError(f"Whisper (torch) failed: {exc}"))
-                continue
-            for request, request_texts in zip(batch, texts, strict=True):
-                request.done(request_texts)
+            self._serve(batch)
         closed = EngineError("the torch Whisper listener is closed")
         for request in pending:
             request.fail(closed)
@@ -595,6 +588,30 @@ class TorchListener:
                 break
             if left is not None:
                 left.fail(closed)
+
+    def _serve(self, batch: list[_Request]) -> None:
+        """Transcribe `batch` and answer every request. A failing batch (out of memory on a long turn, a bug
+        on odd audio) is retried one request at a time, so only the request that fails gets the error, not up
+        to max_batch sessions' turns."""
+        try:
+            started = time.perf_counter()
+            with torch.inference_mode():
+                texts = self._transcribe_batch(batch)
+            self.busy_s += time.perf_counter() - started
+            for request, request_texts in zip(batch, texts, strict=True):
+                request.done(request_texts)
+            return
+        except Exception as exc:
+            if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(batch) > 1:
+                logger.warning("torch Whisper failed a batch of %d requests (%s); retrying them one by one",
+                               len(batch), exc)
+                for request in batch:
+                    self._serve([request])
+                return
+            logger.exception("torch Whisper failed a request")
+            batch[0].fail(EngineError(f"Whisper (torch) failed: {exc}"))
 
     def _features(self, requests: list[_Request]) -> list[torch.Tensor]:
         """Each request's windows of log-mel frames, (windows, n_mels, 3000) float32 on the device."""
@@ -648,14 +665,19 @@ class TorchListener:
             if temperature == 0:
                 hyps = dict(enumerate(self.decoder.decode(cross_k, cross_v, prompts, max_new)))
             else:
-                # best_of samples of every row left, in one decode; each row keeps its best (by average log-prob).
-                index = torch.tensor(todo, device=self.device).repeat_interleave(_BEST_OF)
-                samples = self.decoder.decode(
-                    [k.index_select(0, index) for k in cross_k], [v.index_select(0, index) for v in cross_v],
-                    [prompts[i] for i in todo for _ in range(_BEST_OF)],
-                    [max_new[i] for i in todo for _ in range(_BEST_OF)], temperature)
-                hyps = {i: max(samples[j * _BEST_OF:(j + 1) * _BEST_OF], key=lambda h: h.avg_logprob)
-                        for j, i in enumerate(todo)}
+                # best_of samples of every row left, each row keeping its best (by average log-prob); in groups of
+                # at most max_batch decode rows, so a batch of hard windows cannot ask for best_of x the memory.
+                hyps = {}
+                group = max(1, self.max_batch // _BEST_OF)
+                for at in range(0, len(todo), group):
+                    rows = todo[at:at + group]
+                    index = torch.tensor(rows, device=self.device).repeat_interleave(_BEST_OF)
+                    samples = self.decoder.decode(
+                        [k.index_select(0, index) for k in cross_k], [v.index_select(0, index) for v in cross_v],
+                        [prompts[i] for i in rows for _ in range(_BEST_OF)],
+                        [max_new[i] for i in rows for _ in range(_BEST_OF)], temperature)
+                    hyps.update({i: max(samples[j * _BEST_OF:(j + 1) * _BEST_OF], key=lambda h: h.avg_logprob)
+                                 for j, i in enumerate(rows)})
             still: list[int] = []
             for i in todo:
                 hyp = hyps[i]

@@ -320,3 +320,37 @@ def test_on_cuda_the_texts_match(dtype: str, speech: list[np.ndarray], expected:
         assert [norm(t) for t in texts] == [norm(t) for t in expected]
     finally:
         gpu.close()  # type: ignore[union-attr]
+
+
+def test_a_failing_batch_fails_only_the_request_that_fails(listener: TorchListener, speech: list[np.ndarray],
+                                                           expected: list[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that raises is retried one request at a time: the others still get their texts."""
+    real = listener._transcribe_batch
+    poison = np.full(16000, 0.123, dtype=np.float32)  # recognised by its level
+    release = threading.Event()
+    sizes: list[int] = []
+
+    def flaky(requests: list[Any]) -> list[list[str]]:
+        sizes.append(len(requests))
+        if len(sizes) == 1:
+            assert release.wait(60)  # hold the worker until every call below has queued
+        if any(np.isclose(np.median(r.signal), 0.123, atol=1e-3) for r in requests):
+            raise RuntimeError("odd audio")
+        return real(requests)
+
+    monkeypatch.setattr(listener, "_transcribe_batch", flaky)
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(listener.transcribe, speech[0])
+        while not sizes:
+            threading.Event().wait(0.01)
+        bad = pool.submit(listener.transcribe, poison)
+        good = pool.submit(listener.transcribe, speech[1])
+        while listener._queue.qsize() < 2:
+            threading.Event().wait(0.01)
+        release.set()
+        assert first.result(timeout=120) == expected[0]
+        assert good.result(timeout=120) == expected[1]
+        with pytest.raises(EngineError, match="odd audio"):
+            bad.result(timeout=120)
+    assert sizes[1] == 2  # the two queued calls were one batch, then retried alone
