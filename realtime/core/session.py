@@ -145,7 +145,9 @@ class Session:
             self._resampler = audio_codec.Resampler(self.settings.input_format.sample_rate, audio_codec.SPEECH_RATE)
         td = self.settings.turn_detection
         if td is not None:
-            self.segmenter.detector.configure(td.to_vad(self.rt.config.vad))
+            vad = td.to_vad(self.rt.config.vad)
+            # On the VAD thread, in order with the audio already appended: it may be stepping this detector.
+            await self.rt.vad_batcher.call(self.segmenter, lambda: self.segmenter.detector.configure(vad))
         self.emit(ev.SessionUpdated(session=self.settings.to_protocol(self.id)))
 
     async def _on_InputAudioBufferAppend(self, e: ev.InputAudioBufferAppend) -> None:
@@ -255,7 +257,14 @@ class Session:
                 self._manual_samples += len(samples)
                 continue
             self._near.append((float(np.dot(samples, samples)), len(samples)))
-            for event in await self.rt.vad_batcher.feed(self.segmenter, samples, list):
+            try:
+                turn_events = await self.rt.vad_batcher.feed(self.segmenter, samples, list)
+            except Exception as exc:  # a VAD failure loses this audio, never the session's input loop
+                self.log.exception("VAD failed on %d samples", len(samples))
+                self.emit(ev.error_event(SessionError(f"voice activity detection failed: {exc}; this audio was "
+                                                      "dropped", code="vad_failed", type="server_error")))
+                continue
+            for event in turn_events:
                 self._on_turn_event(event)
 
     def _on_turn_event(self, event: TurnEvent) -> None:

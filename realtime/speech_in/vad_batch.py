@@ -117,24 +117,21 @@ class VadBatcher:
             done: list[tuple[_Job, bool, Any]] = []
             try:
                 self._round(queues, done)
-            except Exception as exc:  # a bug here must not stop every session's VAD for good
+            except Exception as exc:  # the model call failed: this round's feeds fail, later jobs still run
                 log.exception("VAD round failed")
-                for jobs in queues.values():
-                    done.extend((job, False, exc) for job in jobs)
-                queues.clear()
+                for key in list(queues):
+                    head = queues[key][0]
+                    if head.frames:  # the feeds in this round (a call or a finished feed never raises here)
+                        head.frames, head.error = deque(), exc
+                    self._advance(queues, key, done)
             self._post(done)
 
     def _round(self, queues: OrderedDict[int, deque[_Job]], done: list[tuple[_Job, bool, Any]]) -> None:
         """Finish what needs no model, then run one frame of up to `max_rows` segmenters in one call."""
         heads: list[_Job] = []
         for key in list(queues):
-            jobs = queues[key]
-            while jobs and self._settle(jobs[0], done):
-                jobs.popleft()
-            if not jobs:
-                del queues[key]
-            elif len(heads) < self.max_rows:
-                heads.append(jobs[0])
+            if self._advance(queues, key, done) and len(heads) < self.max_rows:
+                heads.append(queues[key][0])
         if not heads:
             return
         for job in heads:
@@ -152,6 +149,18 @@ class VadBatcher:
                     job.frames, job.error = deque(), exc
         self.rounds += 1
         self.rows += len(heads)
+        for job in heads:  # a job that took its last frame is answered with this round, not the next
+            self._advance(queues, id(job.segmenter), done)
+
+    def _advance(self, queues: OrderedDict[int, deque[_Job]], key: int, done: list[tuple[_Job, bool, Any]]) -> bool:
+        """Settle the segmenter's finished jobs from the head; True if a job with frames to run is left."""
+        jobs = queues[key]
+        while jobs and self._settle(jobs[0], done):
+            jobs.popleft()
+        if not jobs:
+            del queues[key]
+            return False
+        return True
 
     def _settle(self, job: _Job, done: list[tuple[_Job, bool, Any]]) -> bool:
         """Finish `job` if it needs no more frames (True); else make sure its frames are split."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import numpy as np
 import pytest
@@ -120,3 +121,28 @@ async def test_a_failing_job_fails_alone(vad: SileroVad) -> None:
         batcher.close()
     with pytest.raises(RuntimeError, match="closed"):
         await batcher.call(good, lambda: None)
+
+
+async def test_a_failing_model_call_fails_that_round_only(vad: SileroVad, monkeypatch: pytest.MonkeyPatch) -> None:
+    batcher = VadBatcher()
+    a, b = VadSegmenter(vad, VadConfig()), VadSegmenter(vad, VadConfig())
+    real = SileroVad.probs
+    calls = 0
+
+    def once_broken(self: SileroVad, streams: Any, frames: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("onnxruntime hiccup")
+        return real(self, streams, frames)
+
+    monkeypatch.setattr(SileroVad, "probs", once_broken)
+    audio = np.zeros(2048, dtype=np.float32)
+    try:
+        with pytest.raises(RuntimeError, match="hiccup"):
+            await batcher.feed(a, audio, len)
+        # Both sessions' next audio is served: nothing stuck, nothing left half-fed.
+        assert await asyncio.gather(batcher.feed(a, audio, lambda ev: "a"), batcher.feed(b, audio, lambda ev: "b")) \
+            == ["a", "b"]
+    finally:
+        batcher.close()
