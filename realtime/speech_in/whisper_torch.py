@@ -48,7 +48,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from common.audio import SPEECH_RATE
+from common.audio import SPEECH_RATE, whisper_input
 from common.config import AsrConfig
 from common.errors import EngineError
 
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_MIN_SAMPLES: Final = SPEECH_RATE // 10  # as asr.py: shorter audio is answered with ""
 _N_FRAMES: Final = 3000  # one 30 s window of 10 ms log-mel frames
 MAX_BATCH: Final = 32  # 30 s windows in one pass (a turn longer than 30 s has several)
 # faster-whisper's defaults, which asr.Listener uses.
@@ -503,10 +502,8 @@ class TorchListener:
 
     def transcribe(self, audio16k: npt.ArrayLike, prompt: str | None = None) -> str:
         """Text of mono 16 kHz float32 audio; `prompt` (earlier conversation) biases spelling."""
-        audio = np.ascontiguousarray(audio16k, dtype=np.float32)
-        if audio.ndim != 1:
-            raise ValueError(f"expected mono 1-D audio, got shape {audio.shape}")
-        if len(audio) < _MIN_SAMPLES:
+        audio = whisper_input(audio16k)
+        if audio is None:
             return ""
         request = self._request(audio, prompt)
         with self._lock:  # with close(): a request is queued before the worker's stop sentinel, or refused
