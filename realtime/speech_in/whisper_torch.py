@@ -19,8 +19,8 @@ again by sampling best-of-5 at 0.2, 0.4, ... 1.0; seeded, so repeatable for the 
 window may not decode more than `_MAX_TOKENS_PER_SECOND` tokens per second of its audio (plus a margin), so a
 decode stuck repeating itself does not hold the whole batch for 224 steps; real speech stays far below it.
 
-The decoder loop is our own (about 60 lines) over the transformers model's weights: a preallocated KV cache,
-cross-attention keys and values computed once per batch, prompts of different lengths left-padded with their
+The decoder loop is our own (`whisper_decoder.py`; log-mel in `whisper_features.py`) over the model's weights: a
+preallocated KV cache, cross-attention keys and values computed once per batch, prompts of different lengths left-padded with their
 own positions, finished rows dropped from the batch. The encoder is transformers' `WhisperEncoder`. Shapes are
 kept to a few (rows padded to a power of two, the cache a multiple of 64 slots) and all run once at load on a GPU:
 there a new shape costs seconds the first time (a first batch of 32 took 3.8 s on an H200, later ones 0.08 s).
@@ -37,29 +37,26 @@ import queue
 import threading
 import time
 import zlib
-from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F
 
 from common.audio import SPEECH_RATE, whisper_input
 from common.config import AsrConfig
 from common.errors import EngineError
+from realtime.speech_in.whisper_decoder import MAX_LENGTH, Hypothesis, WhisperDecoder, bucket
+from realtime.speech_in.whisper_features import N_FFT, N_FRAMES, LogMel, prepare_signal
 
 if TYPE_CHECKING:
-    from faster_whisper.tokenizer import Tokenizer
 
     from realtime.speech_in.ct2_whisper import LoadedWhisper
 
 logger = logging.getLogger(__name__)
 
-_N_FRAMES: Final = 3000  # one 30 s window of 10 ms log-mel frames
 MAX_BATCH: Final = 32  # 30 s windows in one pass (a turn longer than 30 s has several)
 # faster-whisper's defaults, which asr.Listener uses.
 _TEMPERATURES: Final = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -67,7 +64,6 @@ _BEST_OF: Final = 5
 _COMPRESSION_RATIO_THRESHOLD: Final = 2.4
 _LOG_PROB_THRESHOLD: Final = -1.0
 _NO_SPEECH_THRESHOLD: Final = 0.6
-_MAX_LENGTH: Final = 448  # Whisper's text context; CTranslate2 decodes at most half of it
 # Our cap on tokens per window: English speech runs ~3-5 tokens a second.
 _MAX_TOKENS_PER_SECOND: Final = 16
 _MIN_TOKEN_CAP: Final = 32
@@ -77,11 +73,6 @@ _DEVICE_DEFAULT_TYPES: Final = ("default", "auto", "int8", "int8_float32", "int8
 
 
 # ---------------------------------------------------------------- requests
-
-
-def bucket(n: int) -> int:
-    """Batch rows are padded to a power of two: few distinct shapes, each warmed at load (see `TorchListener`)."""
-    return 1 << max(0, n - 1).bit_length()
 
 
 class _Request:
@@ -102,299 +93,6 @@ class _Request:
             self.future.set_exception(exc)
 
 
-@dataclass
-class Hypothesis:
-    tokens: list[int]  # generated, without the end token
-    sum_logprob: float  # including the end token's, as CTranslate2 scores it
-    no_speech_prob: float
-
-    @property
-    def avg_logprob(self) -> float:
-        return self.sum_logprob / (len(self.tokens) + 1)
-
-
-# ---------------------------------------------------------------- log-mel features
-
-
-_N_FFT: Final = 400
-_HOP: Final = 160
-
-
-def prepare_signal(audio: np.ndarray) -> tuple[np.ndarray, int]:
-    """faster-whisper's STFT input (FeatureExtractor: 160 zeros appended, then reflect-padded by n_fft/2 on each
-    side) and the number of log-mel frames it gives. Plain numpy, no BLAS: cheap on any caller thread."""
-    padded = np.pad(np.pad(audio, (0, _HOP)), (_N_FFT // 2, _N_FFT // 2), mode="reflect")
-    return padded.astype(np.float32, copy=False), (len(audio) + _HOP) // _HOP
-
-
-class LogMel:
-    """faster-whisper's log-mel spectrogram (feature_extractor.FeatureExtractor), for a batch of signals at once
-    in torch on the model's device: one STFT over zero-padded rows, each row normalized by its own maximum."""
-
-    def __init__(self, n_mels: int, device: torch.device) -> None:
-        from faster_whisper.feature_extractor import FeatureExtractor
-
-        self.filters = torch.from_numpy(FeatureExtractor(feature_size=n_mels).mel_filters).to(device)
-        self.window = torch.hann_window(_N_FFT, periodic=True, device=device)
-        self.device = device
-
-    def __call__(self, signals: Sequence[np.ndarray], frames: Sequence[int], length: int = 0) -> torch.Tensor:
-        """(rows, n_mels, max frames) float32; frames past a row's own count are garbage (never read). The rows are
-        zero-padded to `length` samples or the longest signal."""
-        rows = np.zeros((len(signals), max(length, *(len(s) for s in signals))), dtype=np.float32)
-        for row, signal in zip(rows, signals, strict=True):
-            row[:len(signal)] = signal
-        x = torch.from_numpy(rows).to(self.device, non_blocking=True)
-        spec = torch.stft(x, _N_FFT, _HOP, window=self.window, center=False, return_complex=True)
-        width = max(frames)
-        power = spec[..., :width].abs() ** 2
-        log = torch.clamp(self.filters @ power, min=1e-10).log10()
-        valid = torch.arange(width, device=self.device) < torch.tensor(frames, device=self.device).unsqueeze(1)
-        peak = log.masked_fill(~valid.unsqueeze(1), -math.inf).amax(dim=(1, 2), keepdim=True)
-        return (torch.maximum(log, peak - 8.0) + 4.0) / 4.0
-
-
-# ---------------------------------------------------------------- the decoder
-
-
-@dataclass
-class _Layer:
-    ln1: tuple[torch.Tensor, torch.Tensor]
-    qkv: tuple[torch.Tensor, torch.Tensor]  # fused q, k, v (k's bias is zeros)
-    out: tuple[torch.Tensor, torch.Tensor | None]
-    ln2: tuple[torch.Tensor, torch.Tensor]
-    cross_q: tuple[torch.Tensor, torch.Tensor]
-    cross_kv: tuple[torch.Tensor, torch.Tensor]  # fused k, v of the encoder output
-    cross_out: tuple[torch.Tensor, torch.Tensor | None]
-    ln3: tuple[torch.Tensor, torch.Tensor]
-    fc1: tuple[torch.Tensor, torch.Tensor | None]
-    fc2: tuple[torch.Tensor, torch.Tensor | None]
-
-
-@dataclass
-class _Batch:
-    """Decoder state. `rows[i]` is the caller's index of row i, -1 for a padding row (a copy of another)."""
-
-    rows: list[int]
-    self_k: list[torch.Tensor]  # per layer (B, H, slots, Dh), zeros where nothing is written yet
-    self_v: list[torch.Tensor]
-    cross_k: list[torch.Tensor]  # per layer (B, H, 1500, Dh)
-    cross_v: list[torch.Tensor]
-    pad: torch.Tensor  # (B,) left padding of each row's prompt
-    width: int  # slots the prompts take (the first slot decoding writes)
-
-    def keep(self, keep: list[int], rows: list[int]) -> torch.Tensor:
-        index = torch.tensor(keep, device=self.pad.device)
-        self.rows = rows
-        for tensors in (self.self_k, self.self_v, self.cross_k, self.cross_v):
-            tensors[:] = [t.index_select(0, index) for t in tensors]
-        self.pad = self.pad.index_select(0, index)
-        return index
-
-
-_SLOT_STEP: Final = 64  # the self-attention cache length is a multiple of this (static shapes)
-_PROMPT_STEP: Final = 32  # prompts longer than 4 tokens are left-padded to a multiple of this
-
-
-class WhisperDecoder:
-    """Batched Whisper decoding over a transformers `WhisperForConditionalGeneration`'s weights.
-
-    Shapes are kept to a few: rows padded to a power of two (`bucket`), the self-attention always over the whole
-    cache (a multiple of 64 slots, later ones masked). On a GPU every new shape costs once (kernels loaded and
-    chosen on first use, we believe: a first batch of 32 took 3.8 s on an H200, later ones 0.08 s), so `warm` runs
-    them all at load.
-    """
-
-    def __init__(self, loaded: LoadedWhisper, tokenizer: Tokenizer, suppress: Sequence[int],
-                 suppress_begin: Sequence[int], seed: int = 0) -> None:
-        model = loaded.model
-        self.model = model
-        self.dims = loaded.dims
-        self.tokenizer = tokenizer
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
-        self.heads = loaded.dims.decoder_heads
-        self.head_dim = loaded.dims.d_model // self.heads
-        dec = model.model.decoder
-        self.embed_tokens = dec.embed_tokens.weight
-        self.embed_positions = dec.embed_positions.weight
-        self.final_ln = (dec.layer_norm.weight, dec.layer_norm.bias)
-        self.layers: list[_Layer] = []
-        with torch.no_grad():
-            for layer in dec.layers:
-                sa, ca = layer.self_attn, layer.encoder_attn
-                zeros = torch.zeros_like(sa.q_proj.bias)
-                self.layers.append(_Layer(
-                    ln1=(layer.self_attn_layer_norm.weight, layer.self_attn_layer_norm.bias),
-                    qkv=(torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight]),
-                         torch.cat([sa.q_proj.bias, zeros, sa.v_proj.bias])),
-                    out=(sa.out_proj.weight, sa.out_proj.bias),
-                    ln2=(layer.encoder_attn_layer_norm.weight, layer.encoder_attn_layer_norm.bias),
-                    cross_q=(ca.q_proj.weight, ca.q_proj.bias),
-                    cross_kv=(torch.cat([ca.k_proj.weight, ca.v_proj.weight]),
-                              torch.cat([torch.zeros_like(ca.v_proj.bias), ca.v_proj.bias])),
-                    cross_out=(ca.out_proj.weight, ca.out_proj.bias),
-                    ln3=(layer.final_layer_norm.weight, layer.final_layer_norm.bias),
-                    fc1=(layer.fc1.weight, layer.fc1.bias),
-                    fc2=(layer.fc2.weight, layer.fc2.bias),
-                ))
-        vocab = loaded.dims.vocab_size
-        self.suppress = torch.zeros(vocab, dtype=torch.bool, device=self.device)
-        self.suppress[[t for t in suppress if 0 <= t < vocab]] = True
-        self.suppress_begin = self.suppress.clone()
-        self.suppress_begin[[t for t in suppress_begin if 0 <= t < vocab]] = True
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed)
-
-    # -- encoder
-
-    def encode(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, n_mels, 3000) log-mel features -> (B, 1500, d_model) encoder states."""
-        return self.model.model.encoder(features.to(self.device, self.dtype)).last_hidden_state
-
-    def cross_kv(self, encoded: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Each decoder layer's cross-attention keys and values (B, H, frames, Dh), once per batch."""
-        b, t, _ = encoded.shape
-        ks, vs = [], []
-        for layer in self.layers:
-            kv = F.linear(encoded, *layer.cross_kv).view(b, t, 2, self.heads, self.head_dim)
-            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
-            ks.append(k.contiguous())
-            vs.append(v.contiguous())
-        return ks, vs
-
-    # -- decoder
-
-    def _forward(self, batch: _Batch, ids: torch.Tensor, start: int,
-                 extra_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Decoder over `ids` (B, T) written to cache slots start..start+T-1; logits (B, V) of the last slot
-        (and of slot `extra_rows` per row, for the no-speech probability)."""
-        b, t = ids.shape
-        d = self.dims.d_model
-        slots = torch.arange(start, start + t, device=self.device)
-        positions = (slots.unsqueeze(0) - batch.pad.unsqueeze(1)).clamp_(min=0)
-        x = F.embedding(ids, self.embed_tokens) + F.embedding(positions, self.embed_positions)
-        keys = torch.arange(batch.self_k[0].shape[2], device=self.device).view(1, 1, -1)
-        # A key is visible from a query if it is in the row's prompt (not left padding) and not after the query;
-        # a padding query sees itself only (a row with no key at all would make NaNs).
-        visible = (keys >= batch.pad.view(-1, 1, 1)) & (keys <= slots.view(1, -1, 1))
-        visible |= keys == slots.view(1, -1, 1)
-        mask = visible.unsqueeze(1)  # (B, 1, T, slots)
-        for i, layer in enumerate(self.layers):
-            h = F.layer_norm(x, (d,), *layer.ln1)
-            qkv = F.linear(h, *layer.qkv).view(b, t, 3, self.heads, self.head_dim)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            batch.self_k[i][:, :, start:start + t] = k
-            batch.self_v[i][:, :, start:start + t] = v
-            a = F.scaled_dot_product_attention(q, batch.self_k[i], batch.self_v[i], attn_mask=mask)
-            x = x + F.linear(a.transpose(1, 2).reshape(b, t, d), *layer.out)
-            h = F.layer_norm(x, (d,), *layer.ln2)
-            q = F.linear(h, *layer.cross_q).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-            a = F.scaled_dot_product_attention(q, batch.cross_k[i], batch.cross_v[i])
-            x = x + F.linear(a.transpose(1, 2).reshape(b, t, d), *layer.cross_out)
-            h = F.layer_norm(x, (d,), *layer.ln3)
-            x = x + F.linear(F.gelu(F.linear(h, *layer.fc1)), *layer.fc2)
-        last = F.layer_norm(x[:, -1], (d,), *self.final_ln)
-        logits = F.linear(last, self.embed_tokens).float()
-        extra = None
-        if extra_rows is not None:
-            picked = x[torch.arange(b, device=self.device), extra_rows]
-            extra = F.linear(F.layer_norm(picked, (d,), *self.final_ln), self.embed_tokens).float()
-        return logits, extra
-
-    def prefill(self, cross_k: list[torch.Tensor], cross_v: list[torch.Tensor], prompts: Sequence[Sequence[int]],
-                room: int = 0) -> tuple[_Batch, torch.Tensor, torch.Tensor]:
-        """Run the prompts (left-padded to one width, each at its own positions) into a KV cache with at least
-        `room` free slots after them. One row per prompt; `cross_*` may have more rows (padding, ignored).
-        Returns the state, the logits (B, V) after each prompt and those at its <|startoftranscript|> (for the
-        no-speech probability), B = bucket(len(prompts))."""
-        n, b = len(prompts), bucket(len(prompts))
-        if cross_k[0].shape[0] != b:
-            index = torch.tensor([min(i, n - 1) for i in range(b)], device=self.device)
-            cross_k = [k.index_select(0, index) for k in cross_k]
-            cross_v = [v.index_select(0, index) for v in cross_v]
-        prompts = [*prompts, *[prompts[0]] * (b - n)]
-        width = max(len(p) for p in prompts)
-        if width > 4:
-            width = -(-width // _PROMPT_STEP) * _PROMPT_STEP
-        pad = [width - len(p) for p in prompts]
-        ids = torch.tensor([[self.tokenizer.eot] * p + list(prompt) for p, prompt in zip(pad, prompts, strict=True)],
-                           device=self.device)
-        slots = -(-(width + room) // _SLOT_STEP) * _SLOT_STEP
-        cache_shape = (b, self.heads, slots, self.head_dim)
-        batch = _Batch(
-            rows=[*range(n), *[-1] * (b - n)],
-            self_k=[torch.zeros(cache_shape, device=self.device, dtype=self.dtype) for _ in self.layers],
-            self_v=[torch.zeros(cache_shape, device=self.device, dtype=self.dtype) for _ in self.layers],
-            cross_k=list(cross_k), cross_v=list(cross_v),
-            pad=torch.tensor(pad, device=self.device),
-            width=width,
-        )
-        sot = self.tokenizer.sot
-        sot_slots = torch.tensor([p + list(prompt).index(sot) for p, prompt in zip(pad, prompts, strict=True)],
-                                 device=self.device)
-        logits, at_sot = self._forward(batch, ids, 0, extra_rows=sot_slots)
-        assert at_sot is not None
-        return batch, logits, at_sot
-
-    def decode(self, cross_k: list[torch.Tensor], cross_v: list[torch.Tensor], prompts: Sequence[Sequence[int]],
-               max_new: Sequence[int], temperature: float = 0.0) -> list[Hypothesis]:
-        """One hypothesis per prompt: greedy at temperature 0, else sampled. Row i of `cross_*` belongs to
-        prompts[i] (rows past them are padding); it stops at the end token or after max_new[i] tokens."""
-        batch, logits, at_sot = self.prefill(cross_k, cross_v, prompts, room=max(max_new))
-        no_speech = at_sot.softmax(-1)[:, self.tokenizer.no_speech].tolist()
-        hyps = [Hypothesis([], 0.0, p) for p in no_speech[:len(prompts)]]
-        slot = batch.width
-        step = 0
-        while True:
-            logits.masked_fill_(self.suppress_begin if step == 0 else self.suppress, -math.inf)
-            logprobs = logits.log_softmax(-1)
-            if temperature > 0:
-                probs = (logits / temperature).softmax(-1)
-                tokens = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
-            else:
-                tokens = logits.argmax(-1)
-            chosen = logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-            token_list, chosen_list = tokens.tolist(), chosen.tolist()
-            alive: list[int] = []
-            for i, row in enumerate(batch.rows):
-                if row < 0:
-                    continue
-                hyp = hyps[row]
-                hyp.sum_logprob += chosen_list[i]
-                if token_list[i] == self.tokenizer.eot:
-                    continue
-                hyp.tokens.append(token_list[i])
-                if len(hyp.tokens) < max_new[row]:
-                    alive.append(i)
-            step += 1
-            if not alive:
-                break
-            size = bucket(len(alive))
-            if size < len(batch.rows):  # fewer rows: the next bucket down, padded with copies
-                keep = [*alive, *[alive[0]] * (size - len(alive))]
-                rows = [*(batch.rows[i] for i in alive), *[-1] * (size - len(alive))]
-                tokens = tokens.index_select(0, batch.keep(keep, rows))
-            logits, _ = self._forward(batch, tokens.unsqueeze(1), slot)
-            slot += 1
-        return hyps
-
-    def warm(self, max_rows: int, n_mels: int) -> None:
-        """Run every shape decoding can meet with up to `max_rows` rows: each row bucket through the encoder,
-        a prefill and one step at each cache length (and sampling once). The temperature fallback's decodes of
-        more rows (best-of-5 of many rows at once, rare) pay for their first shape when they come."""
-        prompt = [*self.tokenizer.sot_sequence, self.tokenizer.no_timestamps]
-        slots = -(-(_MAX_LENGTH + 2 * _PROMPT_STEP) // _SLOT_STEP) * _SLOT_STEP
-        b = 1
-        while b <= bucket(max_rows):
-            features = torch.zeros((b, n_mels, _N_FRAMES), device=self.device, dtype=self.dtype)
-            cross_k, cross_v = self.cross_kv(self.encode(features))
-            for length in range(_SLOT_STEP, slots + 1, _SLOT_STEP):
-                batch, logits, _ = self.prefill(cross_k, cross_v, [prompt] * b, room=length - len(prompt))
-                logits.masked_fill_(self.suppress, -math.inf).log_softmax(-1).argmax(-1).tolist()
-                self._forward(batch, logits.argmax(-1).unsqueeze(1), len(prompt))
-            b *= 2
-        self.decode(cross_k, cross_v, [prompt], [2], temperature=1.0)
 # ---------------------------------------------------------------- the listener
 
 
@@ -519,14 +217,14 @@ class TorchListener:
         content = frames - 1
         tok = self.tokenizer
         windows = []
-        for index, seek in enumerate(range(0, content, _N_FRAMES)):
-            size = min(_N_FRAMES, content - seek)
+        for index, seek in enumerate(range(0, content, N_FRAMES)):
+            size = min(N_FRAMES, content - seek)
             tokens: list[int] = []
             if index == 0 and prompt and prompt.strip():
-                tokens = [tok.sot_prev, *tok.encode(" " + prompt.strip())[-(_MAX_LENGTH // 2 - 1):]]
+                tokens = [tok.sot_prev, *tok.encode(" " + prompt.strip())[-(MAX_LENGTH // 2 - 1):]]
             tokens += [*tok.sot_sequence, tok.no_timestamps]
             # CTranslate2: at most half the text context, and no more than the context left after the prompt.
-            ct2_cap = min(_MAX_LENGTH // 2, _MAX_LENGTH - (len(tokens) - 1))
+            ct2_cap = min(MAX_LENGTH // 2, MAX_LENGTH - (len(tokens) - 1))
             ours = _MIN_TOKEN_CAP + math.ceil(_MAX_TOKENS_PER_SECOND * size / 100)
             windows.append((seek, size, tokens, min(ct2_cap, ours)))
         return _Request(signal, frames, windows)
@@ -616,12 +314,12 @@ class TorchListener:
         rows = bucket(len(requests))
         length = max(len(r.signal) for r in requests)
         length = -(-length // SPEECH_RATE) * SPEECH_RATE
-        empty = np.zeros(_N_FFT, dtype=np.float32)
+        empty = np.zeros(N_FFT, dtype=np.float32)
         signals = [r.signal for r in requests] + [empty] * (rows - len(requests))
         mel = self.log_mel(signals, [r.frames for r in requests] + [1] * (rows - len(requests)), length)
         out = []
         for row, request in enumerate(requests):
-            windows = torch.zeros((len(request.windows), self.n_mels, _N_FRAMES), device=self.device)
+            windows = torch.zeros((len(request.windows), self.n_mels, N_FRAMES), device=self.device)
             for i, (seek, size, _, _) in enumerate(request.windows):
                 windows[i, :, :size] = mel[row, :, seek:seek + size]
             out.append(windows)
@@ -634,7 +332,7 @@ class TorchListener:
         self.windows += len(windows)
         self.max_seen_batch = max(self.max_seen_batch, len(windows))
         rows = bucket(len(windows))
-        features = torch.zeros((rows, self.n_mels, _N_FRAMES), device=self.device)
+        features = torch.zeros((rows, self.n_mels, N_FRAMES), device=self.device)
         torch.cat(self._features(requests), out=features[:len(windows)])
         cross_k, cross_v = self.decoder.cross_kv(self.decoder.encode(features))
         results = self._decode_with_fallback(cross_k, cross_v, [w[2] for w in windows], [w[3] for w in windows])
