@@ -20,13 +20,13 @@ window may not decode more than `_MAX_TOKENS_PER_SECOND` tokens per second of it
 decode stuck repeating itself does not hold the whole batch for 224 steps; real speech stays far below it.
 
 The decoder loop is our own (`whisper_decoder.py`; log-mel in `whisper_features.py`) over the model's weights: a
-preallocated KV cache, cross-attention keys and values computed once per batch, prompts of different lengths
-left-padded with their own positions, finished rows dropped from the batch. The encoder is transformers' `WhisperEncoder`. Shapes are
-kept to a few (rows padded to a power of two, the cache a multiple of 64 slots) and all run once at load on a GPU:
-there a new shape costs seconds the first time (a first batch of 32 took 3.8 s on an H200, later ones 0.08 s).
-Why not transformers' `generate`: it is about as fast on the GPU (bench/asr_torch.py --hf-generate) but gives no
-no-speech probability or per-row limits, cannot place left-padded prompts at their own positions, and its Whisper
-entry point changes between transformers versions.
+preallocated KV cache, cross-attention keys and values computed once per batch, prompts of different lengths left-
+padded with their own positions, finished rows dropped from the batch. The encoder is transformers'
+`WhisperEncoder`. Shapes are kept to a few (rows padded to a power of two, the cache a multiple of 64 slots) and
+all run once at load on a GPU: there a new shape costs seconds the first time (a first batch of 32 took 3.8 s on
+an H200, later ones 0.08 s). Why not transformers' `generate`: it is about as fast on the GPU (bench/asr_torch.py
+--hf-generate) but gives no no-speech probability or per-row limits, cannot place left-padded prompts at their own
+positions, and its Whisper entry point changes between transformers versions.
 """
 
 from __future__ import annotations
