@@ -33,7 +33,6 @@ import itertools
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -41,8 +40,9 @@ from typing import Any
 
 import aiohttp
 
-from brains.backends.vllm_engine import engine_args, request_priority
-from brains.engine import EngineStats, Finished, GenerationRequest, TokenStream
+from brains.backends.loop_thread import LoopThreadEngine, Seq
+from brains.backends.vllm_engine import engine_args
+from brains.engine import Finished, GenerationRequest, TokenStream
 from common.config import LlmConfig
 from common.errors import EngineError
 
@@ -76,16 +76,7 @@ class RemoteError(Exception):
 
 
 @dataclass
-class _Seq:
-    seq_id: int
-    req: GenerationRequest
-    stream: TokenStream
-    loop: asyncio.AbstractEventLoop
-    stops: frozenset[int]
-    priority: int
-    task: asyncio.Task[None] | None = None
-    finished: bool = False
-    cached: int = 0
+class _Seq(Seq):
     generated: int = 0
 
 
@@ -177,7 +168,7 @@ def _error_message(body: bytes) -> str:
     return body.decode(errors="replace").strip()[:500] or "(empty body)"
 
 
-class RemoteEngine:
+class RemoteEngine(LoopThreadEngine[_Seq]):
     """`Engine`'s public surface (start, close, submit, cancel, live_sequences, stats, eos_ids) over HTTP.
 
     `stats` holds what the server tells per request: tokens received (`decode_tokens`), prompt tokens it computed
@@ -186,104 +177,33 @@ class RemoteEngine:
     its own: `steps` and `busy_seconds` stay 0.
     """
 
+    thread_name = "duet-remote"
+    what = "the remote LLM client"
+
     def __init__(self, cfg: LlmConfig, urgent_audio_ms: float = 1500.0, eos_ids: frozenset[int] = frozenset(),
                  api_key: str | None = None) -> None:
-        self.cfg = cfg
-        self.urgent_audio_ms = urgent_audio_ms
-        self.eos_ids = eos_ids
-        self.stats = EngineStats()
-        self.max_len = cfg.max_seq_len
+        super().__init__(cfg, urgent_audio_ms, eos_ids)
         self.base_url = cfg.remote_url.rstrip("/")
         self.model = cfg.remote_model
         key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._send_priority = cfg.remote_priority
         self._max_requests = cfg.remote_max_requests or cfg.max_slots
-        self._ids = itertools.count(1)
-        self._seqs: dict[int, _Seq] = {}
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._http: aiohttp.ClientSession | None = None
         self._gate: PriorityGate | None = None
-        self._closed = False
 
-    # ---- caller side --------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the client's loop thread and wait (up to `remote_startup_timeout_s`) for the server to list its
-        models; raises `EngineError` if it never does or does not serve `remote_model`."""
-        ready = threading.Event()
-        failure: list[BaseException] = []
+    # `start` (LoopThreadEngine) waits up to `remote_startup_timeout_s` for the server to list its models, and
+    # raises EngineError if it never does or does not serve `remote_model`.
 
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._open())
-            except BaseException as exc:
-                failure.append(exc)
-                with contextlib.suppress(Exception):
-                    loop.run_until_complete(self._close_http())
-                loop.close()
-                ready.set()
-                return
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.close()
+    def _new_seq(self, seq_id: int, req: GenerationRequest, stream: TokenStream, loop: asyncio.AbstractEventLoop,
+                 stops: frozenset[int], priority: int) -> _Seq:
+        return _Seq(seq_id, req, stream, loop, stops, priority)
 
-        self._thread = threading.Thread(target=run, name="duet-remote", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if failure:
-            self._closed = True
-            exc = failure[0]
-            if isinstance(exc, EngineError):
-                raise exc
-            raise EngineError(f"the remote LLM client failed to start: {type(exc).__name__}: {exc}") from exc
+    def _accepting(self) -> bool:
+        return self._http is not None
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=30)
-        loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def submit(self, req: GenerationRequest) -> TokenStream:
-        if not req.prompt:
-            raise ValueError("empty prompt")
-        if len(req.prompt) >= self.max_len:
-            raise ValueError(f"prompt of {len(req.prompt)} tokens exceeds the {self.max_len}-token context")
-        loop = self._loop
-        if self._closed or loop is None or loop.is_closed() or self._http is None:
-            raise EngineError("engine is closed" if self._closed else "engine is not started")
-        seq_id = next(self._ids)
-        stream = TokenStream(self, seq_id)
-        seq = _Seq(seq_id, req, stream, asyncio.get_running_loop(), frozenset(req.stop_ids) | self.eos_ids,
-                   request_priority(req, self.urgent_audio_ms))
-        with self._lock:
-            self._seqs[seq_id] = seq
-        loop.call_soon_threadsafe(self._start_seq, seq)
-        return stream
-
-    def cancel(self, seq_id: int) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # closing: close() cancels everything anyway
-                loop.call_soon_threadsafe(self._cancel, seq_id)
-
-    def live_sequences(self) -> int:
-        with self._lock:
-            return len(self._seqs)
+    async def _abandon(self) -> None:
+        await self._close_http()
 
     # ---- client thread ------------------------------------------------------------------------
     async def _open(self) -> None:
@@ -329,10 +249,6 @@ class RemoteEngine:
                 raise EngineError(f"the LLM server at {self.base_url} did not answer within {timeout_s:g}s "
                                   f"(llm.remote_url, llm.remote_startup_timeout_s): {last}")
             await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-
-    def _start_seq(self, seq: _Seq) -> None:
-        if not seq.finished:
-            seq.task = asyncio.get_running_loop().create_task(self._generate(seq))
 
     def _body(self, seq: _Seq) -> dict[str, Any]:
         req = seq.req
@@ -462,15 +378,6 @@ class RemoteEngine:
             raise RemoteError(f"finish reason {reason!r}")
         return Finished(_FINISH[reason])  # type: ignore[arg-type]
 
-    def _cancel(self, seq_id: int) -> None:
-        with self._lock:
-            seq = self._seqs.get(seq_id)
-        if seq is None or seq.finished:
-            return
-        self._finish(seq, Finished("cancelled"))
-        if seq.task is not None:
-            seq.task.cancel()  # closes the connection (`_stream`'s finally), which aborts the request
-
     def _fail(self, seq: _Seq, error: str, cause: BaseException | None = None) -> None:
         """End `seq` with `error`, which the client sees (response failed): it names no address of ours; the
         log has the URL and the full cause."""
@@ -481,36 +388,14 @@ class RemoteEngine:
         self.stats.failed_requests += 1
         self._finish(seq, Finished("error", error))
 
-    def _finish(self, seq: _Seq, result: Finished) -> None:
-        if seq.finished:
-            return
-        seq.finished = True
-        with self._lock:
-            self._seqs.pop(seq.seq_id, None)
-        # Counted before the reader can see the end (the usage event came before it, see `_stream`).
-        prompt = len(seq.req.prompt)
-        self.stats.prefill_tokens += prompt - min(seq.cached, prompt)
-        self.stats.prefill_tokens_saved += min(seq.cached, prompt)
-        self._call(seq, seq.stream._deliver, result)
-
     def _count_live(self) -> None:
         gate = self._gate
         if gate is not None:
             self.stats.live, self.stats.waiting = gate.busy, gate.waiting
             self.stats.max_batch = max(self.stats.max_batch, gate.busy)
 
-    @staticmethod
-    def _call(seq: _Seq, fn: Any, *args: Any) -> None:
-        # RuntimeError: the session's loop is gone (shutdown); nobody is listening.
-        with contextlib.suppress(RuntimeError):
-            seq.loop.call_soon_threadsafe(fn, *args)
-
-    async def _shutdown(self) -> None:
-        with self._lock:
-            live = list(self._seqs.values())
-        for seq in live:
-            self._cancel(seq.seq_id)
-        await asyncio.gather(*(s.task for s in live if s.task is not None), return_exceptions=True)
+    async def _close_backend(self) -> None:
+        # (A cancelled sequence's task closes its connection in `_stream`'s finally, which aborts the request.)
         await self._close_http()
 
     async def _close_http(self) -> None:

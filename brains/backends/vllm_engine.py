@@ -20,17 +20,14 @@ vLLM is imported only in `start()`: the module imports without it (the main envi
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import logging
-import math
-import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from brains.engine import EngineStats, Finished, GenerationRequest, TokenStream
-from brains.scheduler import rank
+from brains.backends.loop_thread import LoopThreadEngine, Seq
+from brains.backends.loop_thread import request_priority as request_priority  # where callers find it
+from brains.engine import Finished, GenerationRequest, TokenStream
 from common.config import LlmConfig
 from common.errors import EngineError
 
@@ -38,22 +35,6 @@ log = logging.getLogger(__name__)
 
 # vLLM's finish reasons as Duet's (anything else, e.g. "error", becomes an error).
 _VLLM_FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
-
-
-def request_priority(req: GenerationRequest, urgent_audio_ms: float) -> int:
-    """vLLM priority (lower runs first) of a request: `brains.scheduler.rank`, the torch engine's policy,
-    packed into one integer: urgent AB in [0, U), FB = U, other AB above U, with U = ceil(urgent_audio_ms)
-    (at least 1) so an urgent AB stays strictly below FB even for a fractional threshold."""
-    ahead = req.audio_ahead_ms() if req.audio_ahead_ms is not None else 0.0
-    # NaN and negatives count as none queued; the cap keeps an infinite clock packable into an int.
-    ahead = min(ahead, 1e9) if ahead > 0 else 0.0
-    tier, key = rank(req.brain, ahead, urgent_audio_ms)
-    urgent = max(1, math.ceil(urgent_audio_ms))
-    if tier == 0:
-        return int(key)
-    if tier == 1:
-        return urgent
-    return urgent + 1 + int(key)
 
 
 def engine_args(cfg: LlmConfig) -> dict[str, Any]:
@@ -86,20 +67,11 @@ def engine_args(cfg: LlmConfig) -> dict[str, Any]:
 
 
 @dataclass
-class _Seq:
-    seq_id: int
-    request_id: str
-    req: GenerationRequest
-    stream: TokenStream
-    loop: asyncio.AbstractEventLoop
-    stops: frozenset[int]
-    priority: int
-    task: asyncio.Task[None] | None = None
-    finished: bool = False
-    cached: int = 0
+class _Seq(Seq):
+    request_id: str = ""
 
 
-class VllmEngine:
+class VllmEngine(LoopThreadEngine[_Seq]):
     """`Engine`'s public surface (start, close, submit, cancel, live_sequences, stats, eos_ids) on vLLM.
 
     `stats` holds what vLLM lets us see per request: tokens generated (`decode_tokens`), prompt tokens computed
@@ -107,94 +79,23 @@ class VllmEngine:
     once (`max_batch`). vLLM's steps happen in its EngineCore process: `steps` and `busy_seconds` stay 0.
     """
 
+    thread_name = "duet-vllm"
+    what = "vLLM"
+    shutdown_timeout_s = 60.0
+
     def __init__(self, cfg: LlmConfig, urgent_audio_ms: float = 1500.0, eos_ids: frozenset[int] = frozenset(),
                  extra_args: dict[str, Any] | None = None) -> None:
-        self.cfg = cfg
-        self.urgent_audio_ms = urgent_audio_ms
-        self.eos_ids = eos_ids
-        self.stats = EngineStats()
-        self.max_len = cfg.max_seq_len
+        super().__init__(cfg, urgent_audio_ms, eos_ids)
         self._args = {**engine_args(cfg), **(extra_args or {})}
-        self._ids = itertools.count(1)
-        self._seqs: dict[int, _Seq] = {}
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._llm: Any = None
         self._prompt: Callable[[list[int]], Any] = lambda ids: {"prompt_token_ids": ids}
-        self._closed = False
 
-    # ---- caller side --------------------------------------------------------------------------
-    def start(self) -> None:
-        """Build vLLM's engine (loads the model; blocks until it is ready)."""
-        ready = threading.Event()
-        failure: list[BaseException] = []
+    def _new_seq(self, seq_id: int, req: GenerationRequest, stream: TokenStream, loop: asyncio.AbstractEventLoop,
+                 stops: frozenset[int], priority: int) -> _Seq:
+        return _Seq(seq_id, req, stream, loop, stops, priority, request_id=f"duet-{seq_id}")
 
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self._open())
-            except BaseException as exc:
-                failure.append(exc)
-                ready.set()
-                loop.close()
-                return
-            self._loop = loop
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="duet-vllm", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if failure:
-            self._closed = True
-            raise EngineError(f"vLLM failed to start: {type(failure[0]).__name__}: {failure[0]}") from failure[0]
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        loop = self._loop
-        if loop is None:
-            return
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(timeout=60)
-        loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def submit(self, req: GenerationRequest) -> TokenStream:
-        if not req.prompt:
-            raise ValueError("empty prompt")
-        if len(req.prompt) >= self.max_len:
-            raise ValueError(f"prompt of {len(req.prompt)} tokens exceeds the {self.max_len}-token context")
-        loop = self._loop
-        if self._closed or loop is None or loop.is_closed():
-            raise EngineError("engine is closed" if self._closed else "engine is not started")
-        seq_id = next(self._ids)
-        stream = TokenStream(self, seq_id)
-        seq = _Seq(seq_id, f"duet-{seq_id}", req, stream, asyncio.get_running_loop(),
-                   frozenset(req.stop_ids) | self.eos_ids, request_priority(req, self.urgent_audio_ms))
-        with self._lock:
-            self._seqs[seq_id] = seq
-            self.stats.max_batch = max(self.stats.max_batch, len(self._seqs))
-        loop.call_soon_threadsafe(self._start_seq, seq)
-        return stream
-
-    def cancel(self, seq_id: int) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # closing: close() cancels everything anyway
-                asyncio.run_coroutine_threadsafe(self._cancel(seq_id), loop)
-
-    def live_sequences(self) -> int:
-        with self._lock:
-            return len(self._seqs)
+    def _submitted(self) -> None:
+        self.stats.max_batch = max(self.stats.max_batch, len(self._seqs))
 
     # ---- vLLM thread --------------------------------------------------------------------------
     async def _open(self) -> None:
@@ -209,10 +110,6 @@ class VllmEngine:
             self._prompt = lambda ids: {"prompt_token_ids": ids}
         log.info("starting vLLM: %s", self._args)
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self._args))
-
-    def _start_seq(self, seq: _Seq) -> None:
-        if not seq.finished:
-            seq.task = asyncio.get_running_loop().create_task(self._generate(seq))
 
     def _params(self, seq: _Seq) -> Any:
         from vllm import SamplingParams
@@ -254,41 +151,10 @@ class VllmEngine:
             self._finish(seq, Finished(_VLLM_FINISH.get(reason or "", "error"),  # type: ignore[arg-type]
                                        "" if reason in _VLLM_FINISH else f"vLLM finish reason {reason!r}"))
 
-    async def _cancel(self, seq_id: int) -> None:
-        with self._lock:
-            seq = self._seqs.get(seq_id)
-        if seq is None or seq.finished:
-            return
-        with contextlib.suppress(Exception):
-            await self._llm.abort(seq.request_id)
-        self._finish(seq, Finished("cancelled"))
-        if seq.task is not None:
-            seq.task.cancel()
+    async def _cancel_backend(self, seq: _Seq) -> None:
+        await self._llm.abort(seq.request_id)
 
-    def _finish(self, seq: _Seq, result: Finished) -> None:
-        if seq.finished:
-            return
-        seq.finished = True
-        with self._lock:
-            self._seqs.pop(seq.seq_id, None)
-        prompt = len(seq.req.prompt)
-        self.stats.prefill_tokens += prompt - min(seq.cached, prompt)
-        self.stats.prefill_tokens_saved += seq.cached
-        self._call(seq, seq.stream._deliver, result)
-
-    @staticmethod
-    def _call(seq: _Seq, fn: Any, *args: Any) -> None:
-        # RuntimeError: the session's loop is gone (shutdown); nobody is listening.
-        with contextlib.suppress(RuntimeError):
-            seq.loop.call_soon_threadsafe(fn, *args)
-
-    async def _shutdown(self) -> None:
-        with self._lock:
-            live: Iterable[_Seq] = list(self._seqs.values())
-        for seq in live:
-            await self._cancel(seq.seq_id)
-        tasks = [s.task for s in live if s.task is not None]
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def _close_backend(self) -> None:
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
