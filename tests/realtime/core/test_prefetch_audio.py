@@ -148,6 +148,18 @@ def expected_audio(*chunks: str) -> np.ndarray:
     return np.concatenate([Synth.audio(c) for c in chunks])
 
 
+def speculating_behind_busy_tts(session: StandIn) -> tuple[Prefetch, Pacer, Any, asyncio.Task[Any]]:
+    """A prefetch that wrote REPLY and asked for its first audio while the TTS pool is held by another job
+    (`blocker`, running until `synth.release` is set): the speculative synthesis waits in the pool."""
+    synth = session.rt.synthesizer
+    synth.release.clear()
+    blocker = asyncio.create_task(session.rt.run_in(session.rt.tts_pool, synth.hold))
+    pre, pacer = prefetch(session)
+    pacer.say(*REPLY)
+    pre.speak_first_chunk(session.rt, deadline=1.0)  # type: ignore[arg-type]
+    return pre, pacer, synth, blocker
+
+
 async def test_the_first_chunk_is_synthesized_in_the_window_and_sent_at_commit() -> None:
     session = StandIn()
     synth = session.rt.synthesizer
@@ -229,12 +241,7 @@ async def test_only_reply_text_is_chunked() -> None:
 
 async def test_the_response_awaits_a_synthesis_still_running() -> None:
     session = StandIn()
-    synth = session.rt.synthesizer
-    synth.release.clear()
-    blocker = asyncio.create_task(session.rt.run_in(session.rt.tts_pool, synth.hold))
-    pre, pacer = prefetch(session)
-    pacer.say(*REPLY)
-    pre.speak_first_chunk(session.rt, deadline=1.0)  # type: ignore[arg-type]
+    pre, pacer, synth, blocker = speculating_behind_busy_tts(session)
     response, run = respond(session, pre)
     pacer.done("".join(REPLY))
     await asyncio.sleep(0.05)
@@ -250,12 +257,7 @@ async def test_a_cancelled_prefetch_skips_its_queued_synthesis_and_the_real_turn
     """The user spoke again (or the final transcript differs): the speculative job, still queued behind
     other work, never runs; the turn's own response synthesizes its first chunk itself."""
     session = StandIn()
-    synth = session.rt.synthesizer
-    synth.release.clear()
-    blocker = asyncio.create_task(session.rt.run_in(session.rt.tts_pool, synth.hold))
-    pre, pacer = prefetch(session)
-    pacer.say(*REPLY)
-    pre.speak_first_chunk(session.rt, deadline=1.0)  # type: ignore[arg-type]
+    pre, pacer, synth, blocker = speculating_behind_busy_tts(session)
     await asyncio.sleep(0.02)
     pre.cancel()
     assert pacer.cancelled
@@ -274,12 +276,7 @@ async def test_a_cancelled_prefetch_skips_its_queued_synthesis_and_the_real_turn
 
 async def test_a_text_reply_drops_the_speculative_audio() -> None:
     session = StandIn(modalities=("text",))
-    synth = session.rt.synthesizer
-    synth.release.clear()
-    blocker = asyncio.create_task(session.rt.run_in(session.rt.tts_pool, synth.hold))
-    pre, pacer = prefetch(session)
-    pacer.say(*REPLY)
-    pre.speak_first_chunk(session.rt, deadline=1.0)  # type: ignore[arg-type]
+    pre, pacer, synth, blocker = speculating_behind_busy_tts(session)
     response, run = respond(session, pre)
     pacer.done("".join(REPLY))
     await run
@@ -291,12 +288,7 @@ async def test_a_text_reply_drops_the_speculative_audio() -> None:
 
 async def test_other_text_is_not_given_the_speculative_audio() -> None:
     session = StandIn()
-    synth = session.rt.synthesizer
-    synth.release.clear()
-    blocker = asyncio.create_task(session.rt.run_in(session.rt.tts_pool, synth.hold))
-    pre, pacer = prefetch(session)
-    pacer.say(*REPLY)
-    pre.speak_first_chunk(session.rt, deadline=1.0)  # type: ignore[arg-type]
+    pre, _pacer, synth, blocker = speculating_behind_busy_tts(session)
     await settle(lambda: pre.first_chunk is not None)
     audio = pre._first_audio
     assert audio is not None
