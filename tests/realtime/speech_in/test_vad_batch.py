@@ -46,9 +46,11 @@ def test_batched_probabilities_equal_one_stream_at_a_time(vad: SileroVad) -> Non
     for t in range(5):
         want = [stream.prob(f[t]) for stream, f in zip(single, frames, strict=True)]
         got = vad.probs(batched, [f[t] for f in frames])
-        np.testing.assert_allclose(got, want, atol=1e-5)  # the state carries over per stream, row by row
+        # The state carries over per stream, row by row. (Equal to the bit on two CPUs; the margin is for GEMM
+        # kernels that sum a batch in another order.)
+        np.testing.assert_allclose(got, want, atol=1e-4)
     for a, b in zip(single, batched, strict=True):
-        np.testing.assert_allclose(a.state, b.state, atol=1e-5)
+        np.testing.assert_allclose(a.state, b.state, atol=1e-4)
 
 
 def test_probs_refuses_a_wrong_frame_size(vad: SileroVad) -> None:
