@@ -10,7 +10,8 @@ are Piper-spoken sentences (noise off, so every run hears the same audio), 1.5-7
         --ct2-workers 4 --ct2-threads 2 --hf-generate --out bench/out/asr_torch.json   # the GPU machine
 
 --hf-generate also times transformers' own `generate` on the same converted model and batch (the alternative
-to our decoder loop), at the largest concurrency level.
+to our decoder loop), at the largest concurrency level. --eager-too also times the torch engine with
+asr.cuda_graphs = false (each decode step launched from Python), level by level beside the graphed one.
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ def main() -> None:
     ap.add_argument("--ct2-threads", type=int, default=2, help="threads per replica (asr.cpu_threads)")
     ap.add_argument("--no-ct2", action="store_true", help="skip CTranslate2")
     ap.add_argument("--hf-generate", action="store_true", help="also time transformers' generate")
+    ap.add_argument("--eager-too", action="store_true", help="also the torch engine without CUDA graphs")
     ap.add_argument("--out", default="bench/out/asr_torch.json")
     a = ap.parse_args()
     levels = [int(c) for c in a.concurrency.split(",")]
@@ -151,13 +153,17 @@ def main() -> None:
         "transformers": transformers.__version__,
         "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
         "audio_s_median": round(statistics.median(len(x) / 16000 for x in audio), 2),
-        "ct2": {}, "torch_engine": {},
+        "ct2": {}, "torch_engine": {}, "torch_eager": {},
     }
     t0 = time.perf_counter()
     listener = load_listener(AsrConfig(model=a.model, engine="torch", device=a.device, compute_type=a.dtype,
                                        workers=max(levels)))
     assert isinstance(listener, TorchListener)
     res["torch_load_s"] = round(time.perf_counter() - t0, 2)
+    eager = None
+    if a.eager_too:
+        eager = load_listener(AsrConfig(model=a.model, engine="torch", device=a.device, compute_type=a.dtype,
+                                        workers=max(levels), cuda_graphs=False))
     ct2 = None
     if not a.no_ct2:
         ct2 = Listener.load(AsrConfig(model=a.model, device="cpu", compute_type="int8", cpu_threads=a.ct2_threads,
@@ -168,6 +174,12 @@ def main() -> None:
         res["torch_engine"][str(c)] = got
         line = (f"C={c:3d} torch {a.device} {a.dtype}: wave {got['wave_median_s']:.3f} s, "
                 f"turn p50 {got['turn_p50_s']:.3f} s")
+        if eager is not None:
+            plain = measure(eager.transcribe, turns, c, a.reps)
+            res["torch_eager"][str(c)] = plain
+            same = sum(norm(x) == norm(y) for x, y in zip(got["texts"], plain["texts"], strict=True))
+            plain["same_text_as_graphed"] = f"{same}/{c}"
+            line += f" | no graphs: wave {plain['wave_median_s']:.3f} s, same text {same}/{c}"
         if ct2 is not None:
             ref = measure(ct2.transcribe, turns, a.ct2_workers, a.reps)
             res["ct2"][str(c)] = ref
@@ -184,7 +196,9 @@ def main() -> None:
         res["hf_generate"] = hf_generate(listener, audio[: max(levels)], a.reps)
         print(f"transformers generate, batch {max(levels)}: {res['hf_generate']['wave_median_s']:.3f} s", flush=True)
     listener.close()
-    summary = {k: {c: v["wave_median_s"] for c, v in res[k].items()} for k in ("torch_engine", "ct2")}
+    if eager is not None:
+        eager.close()  # type: ignore[attr-defined]
+    summary = {k: {c: v["wave_median_s"] for c, v in res[k].items()} for k in ("torch_engine", "torch_eager", "ct2")}
     print(json.dumps({"wave_median_s": summary, "torch_load_s": res["torch_load_s"]}))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2))

@@ -88,6 +88,9 @@ class AsrConfig:
     workers: int = 1
     beam_size: int = 1
     language: str = "en"
+    # torch on cuda: each decode step replayed from a CUDA graph over fixed buffers (whisper_decoder.py); off, the
+    # step is ~80 kernel launches from Python. Ignored elsewhere.
+    cuda_graphs: bool = True
     # Partial transcripts while the user speaks, at most this often (0 = off). Off on the 2-core CPU stack:
     # each partial costs a Whisper pass (~0.35 s of both cores with tiny.en).
     partial_interval_ms: int = 0

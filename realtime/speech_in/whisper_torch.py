@@ -183,6 +183,8 @@ class TorchListener:
                 # Every shape once, now: a GPU that torch sees but cannot run on fails at start, not on a turn, and
                 # no turn pays for loading kernels (seconds on a cold H200).
                 with torch.inference_mode():
+                    if cfg.cuda_graphs and device.type == "cuda":
+                        listener.decoder.capture(listener.max_batch)
                     listener.decoder.warm(listener.max_batch, listener.n_mels)
                 listener.transcribe(np.zeros(SPEECH_RATE, dtype=np.float32))
         except (RuntimeError, OSError) as exc:
@@ -192,8 +194,10 @@ class TorchListener:
                 raise
             raise EngineError(f"asr.device = {cfg.device!r} cannot be used by asr.engine = \"torch\": {exc}. "
                               "Fix: set asr.device = \"cpu\".") from exc
-        logger.info("loaded Whisper %s in torch (%s, %s, batches of up to %d windows) in %.1f s", path, device,
-                    str(dtype).removeprefix("torch."), listener.max_batch, time.perf_counter() - started)
+        fixed = listener.decoder.fixed
+        logger.info("loaded Whisper %s in torch (%s, %s, batches of up to %d windows, decode step in CUDA graphs: %s) "
+                    "in %.1f s", path, device, str(dtype).removeprefix("torch."), listener.max_batch,
+                    "yes" if fixed is not None and fixed.graphs else "no", time.perf_counter() - started)
         return listener
 
     # -- callers' side

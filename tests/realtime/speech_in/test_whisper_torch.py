@@ -262,9 +262,15 @@ def test_concurrent_calls_are_one_batch_with_the_same_texts(listener: TorchListe
 
 
 def test_warming_runs_every_shape_on_the_cpu_too(listener: TorchListener) -> None:
-    """`warm` (run at load on a GPU) goes through prefill and a step at every cache length; rows in two buckets."""
+    """`warm` (run at load on a GPU) goes through prefill and a step at every cache length; rows in two buckets;
+    with fixed buffers also a prefill at every prompt width."""
     with torch.inference_mode():
         listener.decoder.warm(2, listener.n_mels)
+        listener.decoder.use_fixed(2)
+        try:
+            listener.decoder.warm(2, listener.n_mels)
+        finally:
+            listener.decoder.fixed = None
 
 
 def test_short_or_silent_audio(listener: TorchListener) -> None:
@@ -311,15 +317,49 @@ def test_an_unusable_device_or_type_is_a_clear_error(tiny_dir: Path) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU torch can use")
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_on_cuda_the_texts_match(dtype: str, speech: list[np.ndarray], expected: list[str]) -> None:
-    gpu = load_listener(AsrConfig(engine="torch", device="cuda", compute_type=dtype, workers=8))
+@pytest.mark.parametrize(("dtype", "graphs"), [("float16", True), ("bfloat16", True), ("float16", False)])
+def test_on_cuda_the_texts_match(dtype: str, graphs: bool, speech: list[np.ndarray], expected: list[str]) -> None:
+    gpu = load_listener(AsrConfig(engine="torch", device="cuda", compute_type=dtype, workers=8, cuda_graphs=graphs))
+    assert isinstance(gpu, TorchListener)
     try:
+        fixed = gpu.decoder.fixed
+        buckets = [1 << i for i in range(gpu.max_batch.bit_length())]  # every row bucket up to the batch (32)
+        assert (sorted(fixed.graphs) if fixed else None) == (buckets if graphs else None)
         with ThreadPoolExecutor(len(speech)) as pool:
             texts = list(pool.map(gpu.transcribe, speech))
         assert [norm(t) for t in texts] == [norm(t) for t in expected]
     finally:
-        gpu.close()  # type: ignore[union-attr]
+        gpu.close()
+
+
+def test_fixed_buffers_decode_as_the_eager_state(listener: TorchListener, speech: list[np.ndarray]) -> None:
+    """The state the CUDA graphs replay over (one set of buffers, each row bucket a view of its first rows, the
+    rows still decoding moved to the front as others finish) decodes as the eager state does: the same tokens and
+    scores, greedy and sampled, with prompts of two widths and the batch shrinking from 4 rows to 2 and 1."""
+    dec, tok = listener.decoder, listener.tokenizer
+    start = [*tok.sot_sequence, tok.no_timestamps]
+    prompts = [start, [tok.sot_prev, *tok.encode(" Geography quiz."), *start], start]
+    max_new = [40, 40, 3]  # the third row stops first
+    with torch.inference_mode():
+        k, v = dec.cross_kv(dec.encode(torch.cat([listener.features(x) for x in speech])))
+        runs = {}
+        for name in ("eager", "fixed"):
+            if name == "fixed":
+                dec.use_fixed(4)
+            try:
+                greedy = dec.decode(k, v, prompts, max_new)
+                dec.generator.manual_seed(7)
+                sampled = dec.decode(k, v, prompts, max_new, temperature=0.7)
+                runs[name] = greedy + sampled
+                if name == "fixed":
+                    assert dec.fixed is not None and dec.fixed.self_k[0][:1, :, :8].abs().sum() > 0  # it wrote there
+            finally:
+                dec.fixed = None
+    assert [len(h.tokens) for h in runs["eager"][:3]][2] == 3 and len(runs["eager"][0].tokens) > 3
+    for eager, fixed in zip(runs["eager"], runs["fixed"], strict=True):
+        assert fixed.tokens == eager.tokens
+        assert fixed.sum_logprob == pytest.approx(eager.sum_logprob, rel=1e-4, abs=1e-4)
+        assert fixed.no_speech_prob == pytest.approx(eager.no_speech_prob, rel=1e-4, abs=1e-6)
 
 
 def test_a_failing_batch_fails_only_the_request_that_fails(listener: TorchListener, speech: list[np.ndarray],
