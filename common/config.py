@@ -48,6 +48,9 @@ class ServerConfig:
     # TLS (PEM files): both set = the server speaks https/wss itself; empty = plain (or TLS at a proxy).
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # After the models load, exclude them from garbage collection (gc.freeze): a full collection otherwise walks
+    # every object of every model, ~260 ms with every thread stopped (realtime/gc_pauses.py).
+    gc_freeze: bool = True
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common import logs
-from common.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from common.config import DEFAULT_CONFIG_PATH, ConfigError, ServerConfig, load_config
 
 if TYPE_CHECKING:
     from realtime.runtime import Runtime
@@ -37,6 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"loading models ({config.llm.model} on {config.llm.device}, whisper {config.asr.model}, "
           f"pacing {config.mind.mode})...", flush=True)
     runtime = Runtime.load(config)
+    settle_process(config.server)
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     try:
@@ -45,6 +46,15 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         runtime.close()
     return 0
+
+
+def settle_process(cfg: ServerConfig) -> None:
+    """Once the models are loaded, before serving (the GIL switch interval is set by `Runtime.load`)."""
+    from realtime.gc_pauses import freeze_heap
+
+    if cfg.gc_freeze:
+        frozen = freeze_heap()
+        logging.getLogger(__name__).info("%d objects of the loaded models left out of garbage collection", frozen)
 
 
 async def _serve_until_stopped(runtime: Runtime, host: str, port: int) -> None:

@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from brains.engine import StepHistogram
 from realtime.core import events as ev
+from realtime.gc_pauses import GC_PAUSES, GENERATIONS
 from realtime.runtime import Runtime, TurnReport
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Metrics:
         # Refusals the ops layer makes itself (draining); the transport's own counter joins via watch_refusals.
         self.own_refusals: dict[str, int] = {}
         self._refusal_sources: list[Callable[[], Mapping[str, int]]] = [lambda: self.own_refusals]
+        GC_PAUSES.install()
         r.register(_RuntimeCollector(self))
         ProcessCollector(registry=r)  # CPU seconds, resident memory, open files, start time
 
@@ -178,6 +180,26 @@ class _RuntimeCollector(Collector):
             workers.add_metric([name], pool._max_workers)
         workers.add_metric(["vad"], 1)
         yield workers
+        passes = CounterMetricFamily("duet_asr_passes", "Whisper passes asked for, by why: final (a committed turn), "
+                                     "speculative (the silence window's guess), partial (while speaking)",
+                                     labels=["kind"])
+        for kind, n in rt.asr_passes.items():
+            passes.add_metric([kind], n)
+        yield passes
+        yield CounterMetricFamily("duet_prefetches_started", "Replies started on a speculative or partial transcript "
+                                  "(adopted at the commit if the transcript holds, else cancelled)",
+                                  value=rt.prefetches_started)
+        # Every thread stops while the collector runs (realtime/gc_pauses.py).
+        gcs = CounterMetricFamily("duet_gc_collections", "Garbage collections by generation", labels=["generation"])
+        pauses = CounterMetricFamily("duet_gc_pause_seconds", "Wall time in garbage collections (every thread "
+                                     "waits) by generation", labels=["generation"])
+        longest = GaugeMetricFamily("duet_gc_pause_longest_seconds", "The longest garbage collection so far, by "
+                                    "generation", labels=["generation"])
+        for g in GENERATIONS:
+            gcs.add_metric([str(g)], GC_PAUSES.collections[g])
+            pauses.add_metric([str(g)], GC_PAUSES.seconds[g])
+            longest.add_metric([str(g)], GC_PAUSES.longest[g])
+        yield from (gcs, pauses, longest)
         # Frames per batched Silero call: near 1 when idle, near the live sessions under load.
         yield CounterMetricFamily("duet_vad_rounds", "Batched VAD model calls", value=rt.vad_batcher.rounds)
         yield CounterMetricFamily("duet_vad_frames", "32 ms frames run through the VAD", value=rt.vad_batcher.rows)

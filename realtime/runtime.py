@@ -20,7 +20,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 
@@ -36,6 +36,11 @@ from realtime.speech_in.smart_turn import SmartTurn
 from realtime.speech_in.vad import SileroVad
 from realtime.speech_in.vad_batch import VadBatcher
 from tts.synthesizer import Synthesizer
+
+# Why a Whisper pass runs: a committed turn or an added item ("final"), the silence window's guess ("speculative"),
+# a partial transcript while the user speaks ("partial").
+AsrPassKind = Literal["final", "speculative", "partial"]
+ASR_PASS_KINDS: tuple[AsrPassKind, ...] = ("final", "speculative", "partial")
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -239,6 +244,10 @@ class Runtime:
     # Open sessions by id, registered by the server; one registry, so rate_limits.updated can count them.
     sessions: dict[str, object] = field(default_factory=dict)
     asr_inflight: int = 0  # transcriptions queued or running (optional ones start only below a share: asr_has_room)
+    # Whisper passes asked for, by why (`transcribe`'s kind), and replies started on speculative transcripts
+    # (`Prefetch`): /metrics, so a benchmark can tell what optional work the sessions added at a load.
+    asr_passes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ASR_PASS_KINDS, 0))
+    prefetches_started: int = 0
     warmed: bool = False  # every model ran once (`warm`): the process is ready for sessions (/readyz)
     observers: list[RuntimeObserver] = field(default_factory=list)
     session_observers: list[SessionObserver] = field(default_factory=list)
@@ -325,10 +334,11 @@ class Runtime:
         peak 60) and final transcripts waited behind them (p50 743 ms)."""
         return self.asr_inflight < max(1, int(self.asr_pool._max_workers * share))
 
-    def transcribe(self, audio16k: np.ndarray) -> asyncio.Task[str]:
+    def transcribe(self, audio16k: np.ndarray, kind: AsrPassKind = "final") -> asyncio.Task[str]:
         """Whisper on `audio16k` in the ASR pool, as a task to await. Counted in `asr_inflight` from this call on,
         not from when the task first runs: sessions woken by one VAD round all check `asr_has_room` before any
-        of their tasks starts, and must see each other's claims."""
+        of their tasks starts, and must see each other's claims. `kind`: why (counted in `asr_passes`)."""
+        self.asr_passes[kind] += 1
         self.asr_inflight += 1
         task = asyncio.ensure_future(self.run_in(self.asr_pool, self.listener.transcribe, audio16k))
         task.add_done_callback(self._transcribed)

@@ -293,7 +293,7 @@ class Session:
             # Transcribe while the silence window runs: if the user stays quiet, the transcript is
             # ready (or nearly) when the turn is confirmed, taking ASR off the critical path. Only when an ASR
             # thread is free: behind other sessions' turns a speculative pass gains nothing and costs a slot.
-            fut = self.rt.transcribe(event.audio)
+            fut = self.rt.transcribe(event.audio, "speculative")
             self._speculative = fut
             self.spawn(self._prefetch_when_transcribed(fut, self._window_closes(event)), "prefetch")
         elif isinstance(event, SpeechResumed):
@@ -409,7 +409,7 @@ class Session:
             audio = await self.rt.vad_batcher.call(self.segmenter, self.segmenter.current_turn_audio)
             if len(audio) < audio_codec.SPEECH_RATE // 2 or not self.rt.asr_has_room(0.5):
                 continue  # (checked again: other sessions may have claimed ASR threads during that await)
-            text = await self.rt.transcribe(audio)
+            text = await self.rt.transcribe(audio, "partial")
             if self._pending_item != item_id:
                 return
             if text.strip():
@@ -435,6 +435,7 @@ class Session:
         pacer = self.new_pacer(options, playback, self.rt.config.llm)
         conversation = self.conversation_ids(messages, options, pacer.thinking)
         self._prefetch = Prefetch(pacer, playback, text, messages, conversation)
+        self.rt.prefetches_started += 1
 
     def transcribed(self, item: Item) -> None:
         # Whisper transcribes a whole turn at once: one delta with all of it, then completed.

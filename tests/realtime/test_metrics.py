@@ -4,7 +4,9 @@ collector reads at scrape time (sessions, engine stats, queues, errors by code, 
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
+import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.errors import SessionError
@@ -106,6 +108,19 @@ async def test_scrape_reads_sessions_engine_queues_errors_and_refusals() -> None
     assert ("process_start_time_seconds", ()) in got
 
 
+async def test_asr_passes_by_kind_and_replies_on_guesses_are_counted() -> None:
+    rt = fake_runtime()
+    rt.listener = SimpleNamespace(transcribe=lambda audio: "")  # type: ignore[assignment]
+    m = metrics.attach(rt)
+    await rt.transcribe(np.zeros(1600, dtype=np.float32))
+    await rt.transcribe(np.zeros(1600, dtype=np.float32), "partial")
+    await rt.transcribe(np.zeros(1600, dtype=np.float32), "partial")
+    rt.prefetches_started += 1
+    got = scrape(m)
+    assert [got[("duet_asr_passes_total", (("kind", k),))] for k in ("final", "speculative", "partial")] == [1, 0, 2]
+    assert got[("duet_prefetches_started_total", ())] == 1
+
+
 def _req(prompt: list[int]) -> object:
     from brains.engine import GenerationRequest
 
@@ -147,3 +162,23 @@ async def test_asyncio_tasks_gauge_counts_the_serving_loops_tasks_from_any_threa
     finally:
         rt.loop_monitor.stop()
     assert during - base == 5 and after == base
+
+
+def test_garbage_collections_are_counted_and_timed_per_generation() -> None:
+    """Every thread stops while the collector runs: /metrics says how often and for how long, by generation."""
+    import gc
+
+    m = metrics.attach(fake_runtime())
+    before = scrape(m)
+    gc.collect(2)
+    gc.collect(0)
+    got = scrape(m)
+
+    def grew(name: str, generation: str) -> float:
+        key = (name, (("generation", generation),))
+        return got[key] - before.get(key, 0.0)
+
+    assert grew("duet_gc_collections_total", "2") >= 1
+    assert grew("duet_gc_collections_total", "0") >= 1
+    assert grew("duet_gc_pause_seconds_total", "2") > 0
+    assert got[("duet_gc_pause_longest_seconds", (("generation", "2"),))] > 0
