@@ -4,7 +4,7 @@ pacing mode, with the targets (1 session: p50 350 ms; 64: p50 450 / p95 800 ms; 
     .venv/bin/python bench/plot_system.py bench/out/system.json [more.json ...] --out bench/out/system.png
 
 Several reports (e.g. one GPU call per mode) go on one plot; rows of the same mode and session count from a later
-report replace an earlier one's.
+report replace an earlier one's, unless the reports carry a "label" (then each label's rows are series of their own).
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def plot(reports: list[dict[str, Any]], path: Path) -> bool:
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for report in reports:
         for row in report["results"]:
-            rows[(row["mode"], row["sessions"])] = row
+            # A report's "label" (e.g. "before" / "after") makes its own series instead of replacing rows.
+            series = f"{report['label']} {row['mode']}" if report.get("label") else row["mode"]
+            rows[(series, row["sessions"])] = row
     fig, ax = plt.subplots(figsize=(8, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, mode in enumerate(dict.fromkeys(m for m, _ in rows)):

@@ -79,9 +79,21 @@ def busy_shares(before: dict[str, float], after: dict[str, float], wall_s: float
             return None
         return round((after[name] - before[name]) / wall_s, 3)
 
+    def delta(name: str) -> float | None:
+        return None if name not in after or name not in before else after[name] - before[name]
+
+    full = '{generation="2"}'
+    pause_s = delta(f"duet_gc_pause_seconds_total{full}")
     return {"engine_busy_share": rate("duet_engine_busy_seconds_total"),  # the GPU's thread, steps in flight
             "event_loop_busy_share": rate("duet_event_loop_busy_seconds_total"),
-            "process_cpu_cores": rate("process_cpu_seconds_total")}
+            "process_cpu_cores": rate("process_cpu_seconds_total"),
+            # Full garbage collections during the level and their total time: every thread waits them out.
+            "gc_full_collections": delta(f"duet_gc_collections_total{full}"),
+            "gc_full_pause_ms": None if pause_s is None else round(1000 * pause_s, 1),
+            # The optional work the sessions added: Whisper passes by why, and replies started on guesses.
+            **{f"asr_{kind}_passes": delta(f'duet_asr_passes_total{{kind="{kind}"}}')
+               for kind in ("final", "speculative", "partial")},
+            "prefetches_started": delta("duet_prefetches_started_total")}
 
 
 def poll_queues(port: int, peaks: dict[str, float], stop: threading.Event) -> None:
@@ -429,7 +441,10 @@ COLUMNS = [("mode", "mode"), ("sessions", "sessions"), ("answered", "answered/tu
            ("first_audio_sent_p50_ms", "audio sent"), ("underruns", "underruns"),
            ("engine_busy_share", "engine busy"), ("event_loop_busy_share", "loop busy"),
            ("process_cpu_cores", "CPU cores"), ("asr_queue_peak", "ASR q peak"), ("tts_queue_peak", "TTS q peak"),
-           ("event_loop_lag_peak_ms", "server lag peak"), ("client_procs", "client procs"),
+           ("event_loop_lag_peak_ms", "server lag peak"), ("gc_full_collections", "full GCs"),
+           ("gc_full_pause_ms", "full GC ms"), ("asr_partial_passes", "ASR partials"),
+           ("asr_speculative_passes", "ASR speculative"), ("prefetches_started", "replies on guesses"),
+           ("client_procs", "client procs"),
            ("client_cpu_cores", "client CPU cores"),
            ("client_loop_lag", "client lag p95/max"), ("client_chunk_late", "chunk late p95/max")]
 

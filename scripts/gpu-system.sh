@@ -12,7 +12,7 @@
 set -uo pipefail
 OUT=${1:?out dir}; SESSIONS=${2:-1,8,32,64,128}; DEADLINE=${3:-400}
 MODES=${MODES:-nothink,speak-first}
-TAG=${MODES//,/+}
+TAG=${MODES//,/-}
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; grep -m1 "model name" /proc/cpuinfo
   nproc; } >"$OUT/machine.txt" 2>&1
 # configs/gpu.toml as shipped (CONFIG= another file), with only what a benchmark from one host needs on top.
