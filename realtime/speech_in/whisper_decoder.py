@@ -210,7 +210,9 @@ class WhisperDecoder:
         that a captured step reads its slot from memory."""
         b, t = ids.shape
         d = self.dims.d_model
-        positions = (slots.unsqueeze(0) - batch.pad.unsqueeze(1)).clamp_(min=0)
+        # Clamped at both ends: a left-padding slot has no position, and a row that has finished (or a padding copy)
+        # keeps stepping beside the longest one and may pass Whisper's last position (a 226-token prompt + 224).
+        positions = (slots.unsqueeze(0) - batch.pad.unsqueeze(1)).clamp_(0, self.embed_positions.shape[0] - 1)
         x = F.embedding(ids, self.embed_tokens) + F.embedding(positions, self.embed_positions)
         keys = torch.arange(batch.self_k[0].shape[2], device=self.device).view(1, 1, -1)
         # A key is visible from a query if it is in the row's prompt (not left padding) and not after the query;
@@ -336,6 +338,9 @@ class WhisperDecoder:
                 keep = [*alive, *[alive[0]] * (size - len(alive))]
                 rows = [*(batch.rows[i] for i in alive), *[-1] * (size - len(alive))]
                 tokens = tokens.index_select(0, batch.keep(keep, rows))
+            else:  # same bucket: a row that stopped stays as padding, its later tokens and scores not its own
+                live = set(alive)
+                batch.rows = [row if i in live else -1 for i, row in enumerate(batch.rows)]
             tokens, chosen = self._step(batch, tokens, slot, temperature)
             slot += 1
         return hyps
@@ -373,15 +378,18 @@ class WhisperDecoder:
                 logits.masked_fill_(self.suppress, -math.inf)
                 return (logits, *_pick(logits, 0.0, None))
 
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up runs off the capture (cuBLAS handles, autotuning)
-                step()
-                step()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits, greedy, logprobs = step()
+            # On the decoder's own device, also where asr.device names another GPU than the current one: torch's
+            # default capture stream belongs to the GPU current at the process's first capture (the engine's).
+            with torch.cuda.device(self.device):
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):  # warm-up runs off the capture (cuBLAS handles, autotuning)
+                    step()
+                    step()
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=side):
+                    logits, greedy, logprobs = step()
             fixed.graphs[b] = (graph, logits, greedy, logprobs)
             b *= 2
 
@@ -402,7 +410,8 @@ class WhisperDecoder:
                 self._step(batch, logits.argmax(-1), len(prompt), 0.0)
             if fixed is not None and b <= fixed.rows:
                 self.fixed = fixed
-                for width in (len(prompt), *range(_PROMPT_STEP, MAX_LENGTH // 2 + _PROMPT_STEP, _PROMPT_STEP)):
+                # Up to 256: the longest conversation prompt (223 tokens + 3) pads to it.
+                for width in (len(prompt), *range(_PROMPT_STEP, MAX_LENGTH // 2 + 2 * _PROMPT_STEP, _PROMPT_STEP)):
                     long = [*[self.tokenizer.eot] * (width - len(prompt)), *prompt]  # a prompt of that width
                     batch, logits, _ = self.prefill(cross_k, cross_v, [long] * b, room=4)
                     self._step(batch, logits.argmax(-1), width, 0.0)

@@ -192,8 +192,9 @@ class TorchListener:
                 listener.close()
             if device.type == "cpu":
                 raise
+            graphs = " (or, if the CUDA graphs are what failed, asr.cuda_graphs = false)" if cfg.cuda_graphs else ""
             raise EngineError(f"asr.device = {cfg.device!r} cannot be used by asr.engine = \"torch\": {exc}. "
-                              "Fix: set asr.device = \"cpu\".") from exc
+                              f"Fix: set asr.device = \"cpu\"{graphs}.") from exc
         fixed = listener.decoder.fixed
         logger.info("loaded Whisper %s in torch (%s, %s, batches of up to %d windows, decode step in CUDA graphs: %s) "
                     "in %.1f s", path, device, str(dtype).removeprefix("torch."), listener.max_batch,

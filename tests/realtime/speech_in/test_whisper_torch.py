@@ -394,3 +394,33 @@ def test_a_failing_batch_fails_only_the_request_that_fails(listener: TorchListen
         with pytest.raises(EngineError, match="odd audio"):
             bad.result(timeout=120)
     assert sizes[1] == 2  # the two queued calls were one batch, then retried alone
+
+
+def test_rows_that_stopped_never_step_past_whispers_last_position(listener: TorchListener) -> None:
+    """A finished row stays in the batch (until it can shrink) and keeps stepping beside the longest: with the
+    longest prompt a conversation gives (223 tokens + 3) beside rows decoding their 224 tokens it would pass
+    position 447, Whisper's last (an IndexError here, a device assert on a GPU). Both states decode it, and the
+    stopped row's hypothesis keeps only its own token (it used to collect the later steps' tokens too, whenever
+    the rows still decoding filled the same bucket: 3 of 4 here)."""
+    dec, tok = listener.decoder, listener.tokenizer
+    start = [*tok.sot_sequence, tok.no_timestamps]
+    long = [tok.sot_prev, *[tok.encode(" hello")[0]] * 223, *start]
+    suppress, begin = dec.suppress.clone(), dec.suppress_begin.clone()
+    dec.suppress[tok.eot] = dec.suppress_begin[tok.eot] = True  # every row runs to its limit
+    try:
+        with torch.inference_mode():
+            k, v = dec.cross_kv(dec.encode(torch.zeros((4, listener.n_mels, 3000))))
+            for fixed in (False, True):
+                if fixed:
+                    dec.use_fixed(4)
+                try:
+                    hyps = dec.decode(k, v, [long, start, start, start], [1, 224, 224, 224])
+                finally:
+                    dec.fixed = None
+                assert [len(h.tokens) for h in hyps] == [1, 224, 224, 224]
+                alone = dec.decode([x[:1] for x in k], [x[:1] for x in v], [long], [1])[0]
+                assert hyps[0].tokens == alone.tokens
+                assert hyps[0].sum_logprob == pytest.approx(alone.sum_logprob, abs=1e-3)
+    finally:
+        dec.suppress.copy_(suppress)
+        dec.suppress_begin.copy_(begin)
