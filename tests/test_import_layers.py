@@ -15,6 +15,7 @@ LAYERS: dict[str, int] = {
     "brains": 1, "tts": 1,
     "clients": 1,
     "realtime.speech_in": 2,
+    "realtime.gc_pauses": 2,  # the process's garbage collections (stdlib only): read by metrics, used by duet serve
     "realtime.runtime": 3,
     "realtime.core": 4,
     # Operations of a server process: metrics, lifecycle (drain), transcripts. They watch the core's sessions and
