@@ -53,8 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from bench.latency import QUESTIONS, STAGGER_CYCLE_S, median, pct, synthesize_questions, wait_ready
 from clients.talk import CHUNK_MS, RATE, _Collector, _expect, _receive, pcm16_b64, with_duet_events
 
-STAGES = ("turn_decision_ms", "transcript_ms", "ab_first_token_ms", "first_audio_synthesized_ms",
-          "first_audio_sent_ms")
+STAGES = ("turn_decision_ms", "transcript_ms", "ab_first_token_ms", "first_chunk_text_ms",
+          "first_audio_synthesized_ms", "first_audio_sent_ms")
 READY_TIMEOUT_S = 120.0  # a spawned client imports numpy and websockets: seconds, more on a loaded 2-core machine
 TICK_S = 0.01  # the client loop-lag ticker's period
 
@@ -82,11 +82,17 @@ def busy_shares(before: dict[str, float], after: dict[str, float], wall_s: float
     def delta(name: str) -> float | None:
         return None if name not in after or name not in before else after[name] - before[name]
 
+    def mean(name: str, scale: float = 1.0) -> float | None:  # a histogram's mean over the level
+        total, n = delta(f"{name}_sum"), delta(f"{name}_count")
+        return None if total is None or not n else round(scale * total / n, 2)
+
     full = '{generation="2"}'
     pause_s = delta(f"duet_gc_pause_seconds_total{full}")
     return {"engine_busy_share": rate("duet_engine_busy_seconds_total"),  # the GPU's thread, steps in flight
             "event_loop_busy_share": rate("duet_event_loop_busy_seconds_total"),
             "process_cpu_cores": rate("process_cpu_seconds_total"),
+            "engine_step_mean_ms": mean("duet_engine_step_seconds", 1000),  # the brain's pace: one token per row
+            "engine_rows_per_step": mean("duet_engine_batch_size"),
             # Full garbage collections during the level and their total time: every thread waits them out.
             "gc_full_collections": delta(f"duet_gc_collections_total{full}"),
             "gc_full_pause_ms": None if pause_s is None else round(1000 * pause_s, 1),
@@ -437,9 +443,11 @@ COLUMNS = [("mode", "mode"), ("sessions", "sessions"), ("answered", "answered/tu
            ("voice_to_voice_p50_ms", "v2v p50"), ("voice_to_voice_p95_ms", "v2v p95"),
            ("client_committed_p50_ms", "commit (client)"), ("commit_backlog_p50_ms", "commit backlog"),
            ("turn_decision_p50_ms", "turn decision"), ("transcript_p50_ms", "transcript"),
-           ("ab_first_token_p50_ms", "first token"), ("first_audio_synthesized_p50_ms", "audio synth."),
+           ("ab_first_token_p50_ms", "first token"), ("first_chunk_text_p50_ms", "first chunk text"),
+           ("first_audio_synthesized_p50_ms", "audio synth."),
            ("first_audio_sent_p50_ms", "audio sent"), ("underruns", "underruns"),
            ("engine_busy_share", "engine busy"), ("event_loop_busy_share", "loop busy"),
+           ("engine_step_mean_ms", "engine step ms"), ("engine_rows_per_step", "rows/step"),
            ("process_cpu_cores", "CPU cores"), ("asr_queue_peak", "ASR q peak"), ("tts_queue_peak", "TTS q peak"),
            ("event_loop_lag_peak_ms", "server lag peak"), ("gc_full_collections", "full GCs"),
            ("gc_full_pause_ms", "full GC ms"), ("asr_partial_passes", "ASR partials"),

@@ -39,6 +39,7 @@ TURN_STAGES: dict[str, str] = {
     "transcript": "transcript_ms",
     "first_thought_token": "fb_first_token_ms",
     "first_token": "ab_first_token_ms",
+    "first_chunk_text": "first_chunk_text_ms",  # the first chunk's words written: what the first audio speaks
     "first_audio_synthesized": "first_audio_synthesized_ms",
     "first_audio_sent": "first_audio_sent_ms",
 }

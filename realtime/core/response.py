@@ -344,6 +344,9 @@ class _Speech:
             self._queue(chunk)
 
     def _queue(self, chunk: str) -> None:
+        # When the first chunk's words were all written: first token -> this is the brain's pace, this -> the first
+        # audio synthesized is the TTS pool's wait and synthesis.
+        self.r._mark("first_chunk_text_ms")
         self.pending.append(chunk)
         self.queue.put_nowait(chunk)
 
