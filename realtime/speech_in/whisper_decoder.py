@@ -257,10 +257,11 @@ class WhisperDecoder:
         ids = torch.tensor([[self.tokenizer.eot] * p + list(prompt) for p, prompt in zip(pad, prompts, strict=True)],
                            device=self.device)
         rows = [*range(n), *[-1] * (b - n)]
+        copies = [min(i, n - 1) for i in range(b)]  # the cross rows: padding rows repeat the last prompt's
         fixed = self.fixed
         if fixed is not None and b <= fixed.rows and width + room <= FIXED_SLOTS:
             batch = fixed.batch(b, rows, width)
-            index = torch.tensor([min(i, n - 1) for i in range(b)], device=self.device)
+            index = torch.tensor(copies, device=self.device)
             for source, target in ((cross_k, batch.cross_k), (cross_v, batch.cross_v)):
                 for s, t in zip(source, target, strict=True):
                     torch.index_select(s, 0, index, out=t)
@@ -269,7 +270,7 @@ class WhisperDecoder:
             batch.pad.copy_(torch.tensor(pad))
         else:
             if cross_k[0].shape[0] != b:
-                index = torch.tensor([min(i, n - 1) for i in range(b)], device=self.device)
+                index = torch.tensor(copies, device=self.device)
                 cross_k = [k.index_select(0, index) for k in cross_k]
                 cross_v = [v.index_select(0, index) for v in cross_v]
             slots = -(-(width + room) // _SLOT_STEP) * _SLOT_STEP
@@ -289,25 +290,30 @@ class WhisperDecoder:
         assert at_sot is not None
         return batch, logits, at_sot
 
+    def _step_logits(self, batch: _Batch, ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """One decode step's logits (B, V), the suppressed tokens masked: what a captured graph runs too."""
+        logits, _ = self._forward(batch, ids, slots)
+        return logits.masked_fill_(self.suppress, -math.inf)
+
     def _step(self, batch: _Batch, tokens: torch.Tensor, slot: int,
               temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step of every row at cache slot `slot`: each row's next token and its log-prob."""
         fixed = self.fixed
-        if not batch.fixed or fixed is None:
-            logits, _ = self._forward(batch, tokens.unsqueeze(1), torch.tensor([slot], device=self.device))
-            return _pick(logits.masked_fill_(self.suppress, -math.inf), temperature, self.generator)
-        b = len(batch.rows)
-        fixed.tokens[:b].copy_(tokens.view(b, 1))
-        fixed.slot.fill_(slot)
-        captured = fixed.graphs.get(b)
-        if captured is None:  # fixed buffers without graphs: the CPU tests, or a bucket not captured
-            logits, _ = self._forward(batch, fixed.tokens[:b], fixed.slot)
-            return _pick(logits.masked_fill_(self.suppress, -math.inf), temperature, self.generator)
-        graph, logits, greedy, logprobs = captured
-        graph.replay()
-        if temperature == 0:
-            return greedy, logprobs  # read (tolist) before the next replay overwrites them
-        return _pick(logits, temperature, self.generator)
+        if batch.fixed and fixed is not None:
+            b = len(batch.rows)
+            fixed.tokens[:b].copy_(tokens.view(b, 1))
+            fixed.slot.fill_(slot)
+            captured = fixed.graphs.get(b)
+            if captured is not None:
+                graph, logits, greedy, logprobs = captured
+                graph.replay()
+                if temperature == 0:
+                    return greedy, logprobs  # read (tolist) before the next replay overwrites them
+                return _pick(logits, temperature, self.generator)
+            ids, slots = fixed.tokens[:b], fixed.slot  # fixed buffers without graphs: the CPU tests
+        else:
+            ids, slots = tokens.unsqueeze(1), torch.tensor([slot], device=self.device)
+        return _pick(self._step_logits(batch, ids, slots), temperature, self.generator)
 
     def decode(self, cross_k: list[torch.Tensor], cross_v: list[torch.Tensor], prompts: Sequence[Sequence[int]],
                max_new: Sequence[int], temperature: float = 0.0) -> list[Hypothesis]:
@@ -374,8 +380,7 @@ class WhisperDecoder:
             tokens = fixed.tokens[:b]
 
             def step(batch: _Batch = batch, tokens: torch.Tensor = tokens) -> tuple[torch.Tensor, ...]:
-                logits, _ = self._forward(batch, tokens, fixed.slot)
-                logits.masked_fill_(self.suppress, -math.inf)
+                logits = self._step_logits(batch, tokens, fixed.slot)
                 return (logits, *_pick(logits, 0.0, None))
 
             # On the decoder's own device, also where asr.device names another GPU than the current one: torch's
@@ -400,12 +405,11 @@ class WhisperDecoder:
         once, rare) pay for their first shape when they come."""
         prompt = [*self.tokenizer.sot_sequence, self.tokenizer.no_timestamps]
         fixed, self.fixed = self.fixed, None  # the eager shapes first (a batch the fixed state cannot hold)
-        slots = -(-(MAX_LENGTH + 2 * _PROMPT_STEP) // _SLOT_STEP) * _SLOT_STEP
         b = 1
         while b <= bucket(max_rows):
             features = torch.zeros((b, n_mels, N_FRAMES), device=self.device, dtype=self.dtype)
             cross_k, cross_v = self.cross_kv(self.encode(features))
-            for length in range(_SLOT_STEP, slots + 1, _SLOT_STEP):
+            for length in range(_SLOT_STEP, FIXED_SLOTS + 1, _SLOT_STEP):  # every eager cache length
                 batch, logits, _ = self.prefill(cross_k, cross_v, [prompt] * b, room=length - len(prompt))
                 self._step(batch, logits.argmax(-1), len(prompt), 0.0)
             if fixed is not None and b <= fixed.rows:
