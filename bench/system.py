@@ -73,7 +73,8 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def busy_shares(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, float | None]:
+def level_deltas(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, float | None]:
+    """What the server's counters say of one level: busy shares, full GCs, optional ASR and brain work, engine steps."""
     def rate(name: str) -> float | None:
         if name not in after or name not in before or wall_s <= 0:
             return None
@@ -403,7 +404,7 @@ def run_level(port: int, audio: list[np.ndarray], mode: str, sessions: int, turn
         # Turns whose reply the brains started in the silence window, and whose first audio was synthesized there.
         "prefetched": sum(1 for x in m if x.get("prefetched")),
         "first_audio_prefetched": sum(1 for x in m if x.get("first_audio_prefetched")),
-        **busy_shares(before, after, wall),
+        **level_deltas(before, after, wall),
         "asr_queue_peak": peaks.get("asr"), "tts_queue_peak": peaks.get("tts"),
         "event_loop_lag_peak_ms": round(1000 * peaks.get("loop_lag_s", 0.0), 1),
         "client_procs": procs,

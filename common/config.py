@@ -87,7 +87,7 @@ class AsrConfig:
     # (num_workers), each with cpu_threads threads: 1 on the 2-core CPU stack; on a many-core server about
     # cores / 2 / cpu_threads. torch: the pool threads only queue their turn and wait, while one worker thread runs
     # one pass at a time on the device over every turn waiting (up to 32 windows of 30 s), so `workers` bounds the
-    # batch: 32 on a GPU (an H200 transcribes 32 short turns in one pass of ~0.1-0.2 s), not 1.
+    # batch: 32 on a GPU (an H200 transcribes 32 short turns in one pass of ~0.06 s), not 1.
     workers: int = 1
     beam_size: int = 1
     language: str = "en"

@@ -7,8 +7,8 @@ slots) so that each can be run once at load.
 
 On a GPU (`capture`), the state lives at fixed addresses (`_Fixed`: one set of buffers for the largest row bucket,
 each bucket a view of its first rows) and one decode step per row bucket is captured as a CUDA graph: tiny.en's step
-is ~80 small kernels, launch-bound Python that took most of a batch's ~0.1-0.2 s on an H200 under a busy server's GIL
-(docs/benchmarks.md 7c); a replay is one launch. The prefill stays eager (one call per batch)."""
+is ~80 small kernels launched from Python, a replay is one launch (32 turns on an H200, ASR alone: 0.25 s eager, 0.062
+s with the graphs; docs/benchmarks.md 7c). The prefill stays eager (one call per batch)."""
 
 from __future__ import annotations
 
