@@ -117,11 +117,11 @@ class VadBatcher:
             done: list[tuple[_Job, bool, Any]] = []
             try:
                 self._round(queues, done)
-            except Exception as exc:  # the model call failed: this round's feeds fail, later jobs still run
+            except Exception as exc:  # a bug outside the model call (that one fails only its group, in _round)
                 log.exception("VAD round failed")
                 for key in list(queues):
                     head = queues[key][0]
-                    if head.frames:  # the feeds in this round (a call or a finished feed never raises here)
+                    if head.frames:
                         head.frames, head.error = deque(), exc
                     self._advance(queues, key, done)
             self._post(done)
@@ -141,7 +141,13 @@ class VadBatcher:
             by_model.setdefault(id(job.segmenter.stream.vad), []).append(job)
         for group in by_model.values():  # one model in practice: the runtime's Silero
             frames = [job.frames.popleft() for job in group]  # type: ignore[union-attr]
-            probs = group[0].segmenter.stream.vad.probs([job.segmenter.stream for job in group], frames)
+            try:
+                probs = group[0].segmenter.stream.vad.probs([job.segmenter.stream for job in group], frames)
+            except Exception as exc:  # the model call failed: exactly these feeds fail (their frame is gone),
+                log.exception("VAD model call failed for %d streams", len(group))  # later jobs still run
+                for job in group:
+                    job.frames, job.error = deque(), exc
+                continue
             for job, frame, prob in zip(group, frames, probs, strict=True):
                 try:
                     job.events.extend(job.segmenter.step(frame, float(prob)))

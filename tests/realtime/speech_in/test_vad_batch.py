@@ -148,3 +148,21 @@ async def test_a_failing_model_call_fails_that_round_only(vad: SileroVad, monkey
             == ["a", "b"]
     finally:
         batcher.close()
+
+
+async def test_a_failing_model_call_fails_a_feed_of_exactly_one_frame(vad: SileroVad,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A feed whose only frame went into the failed call fails too: its frame is gone, so it must not be
+    answered as if it had been run (it once was: the frame was taken before the call raised)."""
+    batcher = VadBatcher()
+    seg = VadSegmenter(vad, VadConfig())
+
+    def broken(self: SileroVad, streams: Any, frames: Any) -> Any:
+        raise RuntimeError("onnxruntime hiccup")
+
+    monkeypatch.setattr(SileroVad, "probs", broken)
+    try:
+        with pytest.raises(RuntimeError, match="hiccup"):
+            await batcher.feed(seg, np.zeros(512, dtype=np.float32), len)
+    finally:
+        batcher.close()
