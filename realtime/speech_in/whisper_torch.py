@@ -36,7 +36,6 @@ import math
 import queue
 import threading
 import time
-import zlib
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -95,10 +94,7 @@ class _Request:
 
 # ---------------------------------------------------------------- the listener
 
-
-def _compression_ratio(text: str) -> float:
-    data = text.encode("utf-8")
-    return len(data) / len(zlib.compress(data))
+_Decoded = tuple[Hypothesis, float, float, str]  # a window's hypothesis, avg log-prob, compression ratio, text
 
 
 def resolve_device(cfg: AsrConfig) -> tuple[torch.device, torch.dtype]:
@@ -342,11 +338,11 @@ class TorchListener:
         cross_k, cross_v = self.decoder.cross_kv(self.decoder.encode(features))
         results = self._decode_with_fallback(cross_k, cross_v, [w[2] for w in windows], [w[3] for w in windows])
         texts = []
-        for hyp, avg, _ratio in results:
+        for hyp, avg, _ratio, text in results:
             if hyp.no_speech_prob > _NO_SPEECH_THRESHOLD and not avg > _LOG_PROB_THRESHOLD:
                 texts.append("")  # faster-whisper skips a window that sounds like no speech
             else:
-                texts.append(self.tokenizer.decode(hyp.tokens).strip())
+                texts.append(text)
         out, at = [], 0
         for request in requests:
             out.append(texts[at:at + len(request.windows)])
@@ -354,12 +350,14 @@ class TorchListener:
         return out
 
     def _decode_with_fallback(self, cross_k: list[torch.Tensor], cross_v: list[torch.Tensor],
-                              prompts: list[list[int]], max_new: list[int]) -> list[tuple[Hypothesis, float, float]]:
+                              prompts: list[list[int]], max_new: list[int]) -> list[_Decoded]:
         """faster-whisper's `generate_with_fallback`, for a batch: rows that fail the thresholds at one
         temperature are decoded again, all together, at the next."""
+        from faster_whisper.transcribe import get_compression_ratio
+
         n = len(prompts)
-        tried: list[list[tuple[Hypothesis, float, float]]] = [[] for _ in range(n)]
-        chosen: list[tuple[Hypothesis, float, float] | None] = [None] * n
+        tried: list[list[_Decoded]] = [[] for _ in range(n)]
+        chosen: list[_Decoded | None] = [None] * n
         todo = list(range(n))
         for temperature in _TEMPERATURES:
             if temperature == 0:
@@ -381,8 +379,9 @@ class TorchListener:
             still: list[int] = []
             for i in todo:
                 hyp = hyps[i]
-                ratio = _compression_ratio(self.tokenizer.decode(hyp.tokens).strip())
-                result = (hyp, hyp.avg_logprob, ratio)
+                text = self.tokenizer.decode(hyp.tokens).strip()
+                ratio = get_compression_ratio(text)
+                result = (hyp, hyp.avg_logprob, ratio, text)
                 tried[i].append(result)
                 needs_fallback = ratio > _COMPRESSION_RATIO_THRESHOLD or hyp.avg_logprob < _LOG_PROB_THRESHOLD
                 if hyp.no_speech_prob > _NO_SPEECH_THRESHOLD and hyp.avg_logprob < _LOG_PROB_THRESHOLD:

@@ -256,9 +256,9 @@ def test_concurrent_calls_are_one_batch_with_the_same_texts(listener: TorchListe
             threading.Event().wait(0.01)
         release.set()
         texts = [f.result(timeout=120) for f in futures]
-        assert first.result(timeout=120) == expected[1]
+        assert norm(first.result(timeout=120)) == norm(expected[1])
     assert sizes == [1, len(calls)]
-    assert texts == [*expected, alone, expected[2]]
+    assert [norm(t) for t in texts] == [norm(t) for t in (*expected, alone, expected[2])]
 
 
 def test_warming_runs_every_shape_on_the_cpu_too(listener: TorchListener) -> None:
@@ -389,8 +389,8 @@ def test_a_failing_batch_fails_only_the_request_that_fails(listener: TorchListen
         while listener._queue.qsize() < 2:
             threading.Event().wait(0.01)
         release.set()
-        assert first.result(timeout=120) == expected[0]
-        assert good.result(timeout=120) == expected[1]
+        assert norm(first.result(timeout=120)) == norm(expected[0])
+        assert norm(good.result(timeout=120)) == norm(expected[1])
         with pytest.raises(EngineError, match="odd audio"):
             bad.result(timeout=120)
     assert sizes[1] == 2  # the two queued calls were one batch, then retried alone
