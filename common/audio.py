@@ -36,13 +36,18 @@ G711_RATE: Final = 8000
 SPEECH_RATE: Final = 16000
 
 
+# The shortest audio Whisper is asked to hear (100 ms): shorter input is answered with "" by either engine, a shorter
+# manual commit is refused (the protocol's own minimum), and a speculative pass is not worth starting.
+WHISPER_MIN_SAMPLES: Final = SPEECH_RATE // 10
+
+
 def whisper_input(audio16k: npt.ArrayLike) -> npt.NDArray[np.float32] | None:
     """Mono 16 kHz audio as Whisper takes it (contiguous float32), or None when it is under 100 ms: Whisper needs a
     few frames to say anything, so shorter input is answered with "" (by either Whisper engine)."""
     audio = np.ascontiguousarray(audio16k, dtype=np.float32)
     if audio.ndim != 1:
         raise ValueError(f"expected mono 1-D audio, got shape {audio.shape}")
-    return audio if len(audio) >= SPEECH_RATE // 10 else None
+    return audio if len(audio) >= WHISPER_MIN_SAMPLES else None
 
 # GA `type` <-> beta encoding name.
 _GA_TYPES: Final[dict[str, Encoding]] = {

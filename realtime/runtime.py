@@ -279,9 +279,10 @@ class Runtime:
                 token_budget=config.llm.step_token_budget, max_batch=config.llm.max_slots,
                 prefill_chunk=config.llm.prefill_chunk, urgent_audio_ms=config.mind.urgent_audio_ms),
                 eos_ids=prompts.stop_ids)
-        # Concurrent turns are transcribed and replies synthesized in parallel: one thread per CTranslate2 worker
-        # (the Listener holds as many model replicas), and TTS threads sized to the cores. Both models release
-        # the GIL while they compute. VAD is one thread that batches every session's frames (VadBatcher).
+        # Concurrent turns are transcribed and replies synthesized in parallel: one ASR thread per CTranslate2
+        # worker (the Listener holds as many model replicas) or, with asr.engine = "torch", threads that only queue
+        # their turn for its one batching worker; TTS threads sized to the cores. Both models release the GIL
+        # while they compute. VAD is one thread that batches every session's frames (VadBatcher).
         asr_workers = max(1, config.asr.workers)
         tts_workers = pool_workers(config.tts.workers, per_worker_threads=config.tts.threads)
         runtime = cls(

@@ -4,8 +4,8 @@ vLLM's AsyncLLM (`vllm_engine.py`) and an HTTP client of a completions server (`
 code that must not run on the server's event loop (vLLM's output handling, hundreds of streams). So each runs a
 loop of its own on a thread; sessions call `submit`/`cancel` from their loop, and tokens go back to each
 session's loop with `call_soon_threadsafe`. What differs is only how a sequence is generated: subclasses give
-`_open` (on the thread, before any request), `_generate` (one task per sequence), `_cancel_backend` and
-`_close_backend`.
+`_new_seq` (their sequence record), `_open` (on the thread, before any request), `_generate` (one task per
+sequence), `_cancel_backend` and `_close_backend`.
 """
 
 from __future__ import annotations

@@ -188,7 +188,7 @@ class Session:
             audio = np.concatenate(self._manual_audio) if self._manual_audio else np.zeros(0, np.float32)
             self._manual_audio.clear()
             self._manual_samples = 0
-        if len(audio) < audio_codec.SPEECH_RATE // 10:
+        if len(audio) < audio_codec.WHISPER_MIN_SAMPLES:
             raise SessionError("buffer too small: commit needs at least 100 ms of audio",
                                code="input_audio_buffer_commit_empty", event_id=e.event_id)
         self._commit_turn(self._pending_item or ev.new_id("item"), audio, None)
@@ -288,7 +288,7 @@ class Session:
                 self.log.info("ignored %d ms of speech during the reply (echo or noise)",
                               event.audio_end_ms - self.segmenter.detector.turn_audio_start_ms)
                 self._unconfirmed = self._pending_item = None
-        elif isinstance(event, SilenceStarted) and len(event.audio) >= audio_codec.SPEECH_RATE // 10 \
+        elif isinstance(event, SilenceStarted) and len(event.audio) >= audio_codec.WHISPER_MIN_SAMPLES \
                 and self.rt.asr_has_room():
             # Transcribe while the silence window runs: if the user stays quiet, the transcript is
             # ready (or nearly) when the turn is confirmed, taking ASR off the critical path. Only when an ASR

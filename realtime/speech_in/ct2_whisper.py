@@ -365,7 +365,6 @@ class LoadedWhisper:
     tokenizer: tokenizers.Tokenizer
     dims: WhisperDims
     ct2_config: dict[str, object]  # CTranslate2's config.json: suppress_ids, suppress_ids_begin, lang_ids...
-    stored_dtype: str  # how model.bin stores the linear weights ("float16", "int8", ...)
     path: Path
 
 
@@ -411,4 +410,4 @@ def load_whisper(model_dir: str | Path, *, device: str | torch.device = "cpu",
     logger.info("read Whisper %s (%s, %d+%d layers, d=%d) into torch %s %s in %.2f s", path, ct2.weight_dtype,
                 dims.encoder_layers, dims.decoder_layers, dims.d_model, device, dtype,
                 time.perf_counter() - started)
-    return LoadedWhisper(model, tokenizer, dims, ct2_config, ct2.weight_dtype, path)
+    return LoadedWhisper(model, tokenizer, dims, ct2_config, path)
