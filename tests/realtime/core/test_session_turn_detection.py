@@ -51,3 +51,37 @@ async def test_semantic_server_default_applies_from_the_start(silero: SileroVad)
     s = session(silero, VadConfig(turn_detection="semantic_vad", eagerness="low"))
     assert s.segmenter.detector.semantic == SEMANTIC_EAGERNESS["low"]
     assert s.settings.to_protocol(s.id)["audio"]["input"]["turn_detection"]["type"] == "semantic_vad"
+
+
+async def test_a_vad_failure_is_an_error_event_and_the_input_loop_goes_on(silero: SileroVad,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The VAD model failing on some audio loses that audio (error `vad_failed`), not the session's input: the
+    next audio still goes through the VAD."""
+    rt = fake_runtime()
+    rt.vad, rt.smart_turn = silero, turn_model  # type: ignore[assignment]
+    emitted: list[Any] = []
+    s = Session(rt, "sess_v", emitted.append)
+    real, calls = SileroVad.probs, []
+
+    def once_broken(self: SileroVad, streams: Any, frames: Any) -> Any:
+        calls.append(len(frames))
+        if len(calls) == 1:
+            raise RuntimeError("onnxruntime hiccup")
+        return real(self, streams, frames)
+
+    monkeypatch.setattr(SileroVad, "probs", once_broken)
+    chunk = np.zeros(480 * 4, dtype="<i2").tobytes()  # 80 ms at 24 kHz: more than one 32 ms VAD frame
+    s.start()
+    try:
+        await s.handle(ev.InputAudioBufferAppend(audio=chunk))
+        await s._audio_drained()
+        errors = [e for e in emitted if isinstance(e, ev.Error)]
+        assert [e.error.code for e in errors] == ["vad_failed"]
+        await s.handle(ev.InputAudioBufferAppend(audio=chunk))
+        await s._audio_drained()
+        assert len(calls) > 1  # the next audio went through the VAD
+        assert [e.error.code for e in emitted if isinstance(e, ev.Error)] == ["vad_failed"]
+        assert s._input_task is not None and not s._input_task.done()
+    finally:
+        await s.close()
+        rt.vad_batcher.close()
