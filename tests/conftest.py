@@ -12,6 +12,9 @@ import soxr
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# A hung test ends the run within minutes with every thread's and task's stack (tests/hang_watch.py).
+pytest_plugins = ["tests.hang_watch"]
+
 
 @pytest.fixture(scope="session")
 def runtime() -> Iterator[object]:
