@@ -175,6 +175,10 @@ def haproxy_config(servers: Iterable[Server], bind: str = ":8765", cert: str = "
         # No global maxconn: HAProxy sizes it from the file-descriptor limit it runs under (a fixed number
         # above that limit stops it from starting); each server's own maxconn is what matters here.
         "global",
+        # HAProxy (before 3.0) sizes its file-descriptor tables from the process's limit; where that limit is
+        # "infinity" (2^30, Docker 23 and later), it allocates tens of GB at start and the machine swaps or
+        # kills it (haproxy/haproxy#2043). This bound is 3.0's default, ~2 fds per connection to spare.
+        "    fd-hard-limit 1048576",
         "    log stderr format short local0 notice",
         "",
         "defaults",

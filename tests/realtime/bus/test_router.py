@@ -123,6 +123,8 @@ def test_the_haproxy_config_balances_by_least_connections_over_the_live_servers(
     text = haproxy_config(SERVERS, bind=":443", cert="/etc/duet/proxy.pem")
     lines = [line.strip() for line in text.splitlines()]
     assert "balance leastconn" in lines and "bind :443 ssl crt /etc/duet/proxy.pem" in lines
+    # HAProxy 2.x sizes its tables from the fd limit: unbounded (2^30 in Docker) it exhausts memory at start.
+    assert lines[lines.index("global") + 1] == "fd-hard-limit 1048576"
     servers = [line for line in lines if line.startswith("server ")]
     assert servers == [
         "server duet-1 10.0.0.1:8765 check inter 2s fall 2 rise 1 maxconn 64",
