@@ -132,6 +132,9 @@ class Transcriber(Protocol):
 
     def transcribe(self, audio16k: npt.ArrayLike, prompt: str | None = None) -> str: ...
 
+    def close(self) -> None:
+        """Release what the model holds beyond memory (the torch Whisper's batching thread); idempotent."""
+
 
 def load_listener(cfg: AsrConfig) -> Listener | TorchListener:
     """The Whisper `cfg.engine` names: "ctranslate2" (faster-whisper, `Listener`) or "torch" (the same model files
@@ -197,6 +200,9 @@ class Listener:
         logger.info("loaded Whisper %s (%s, %s, %d worker(s)) in %.1f s", path, cfg.device, cfg.compute_type,
                     max(1, cfg.workers), time.perf_counter() - started)
         return listener
+
+    def close(self) -> None:
+        """Nothing to stop: CTranslate2's worker threads go with the model."""
 
     def transcribe(self, audio16k: npt.ArrayLike, prompt: str | None = None) -> str:
         """Text of mono 16 kHz float32 audio; `prompt` (earlier conversation) biases spelling."""
