@@ -185,6 +185,7 @@ class EngineStats:
     prefill_tokens_saved: int = 0
     max_batch: int = 0
     busy_seconds: float = 0.0
+    post_seconds: float = 0.0  # the engine thread handing tokens to the event loops (`Engine._post`), not in busy
     # Gauges and counters for metrics (realtime/metrics.py), set by the engine thread as it goes.
     waiting: int = 0  # requests submitted but not yet in a KV slot
     live: int = 0  # sequences in a KV slot
@@ -240,6 +241,8 @@ class Engine:
         self._waiting: list[_Seq] = []
         self._live: dict[int, _Seq] = {}
         self._pool = SlotPool(backend.slots)
+        # What this engine-thread pass has for the loops, in order, posted by `_post` in one call per loop.
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, TokenStream, list[int] | Finished]] = []
         self._thread: threading.Thread | None = None
         # Service order for fairness: a strict sequence, so sequences served in the same step don't tie and
         # the least recently served one really goes first next time (exact round robin).
@@ -285,8 +288,10 @@ class Engine:
     def _run(self) -> None:
         stats = self.stats
         while True:
+            self._post()  # before `_drain` may block: what a cancel or the last step made goes out now
             idle = not self._live and not self._waiting
             if not self._drain(block=idle):
+                self._post()
                 break
             try:
                 self._admit()
@@ -478,14 +483,13 @@ class Engine:
 
     def _forward(self, rows: list[tuple[_Seq, int, list[int]]]) -> torch.Tensor:
         """Rows of (sequence, first position, tokens), padded to the longest: logits of each row's last column."""
+        # Built as lists, then one tensor each: a torch call per row (up to 256 rows a decode step) releases and
+        # retakes the GIL every time, and beside busy Python threads each retake waits (bench/engine_host.py).
         width = max(len(c) for _, _, c in rows)
-        tokens = torch.zeros((len(rows), width), dtype=torch.long)
-        positions = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, (_, start, chunk) in enumerate(rows):
-            tokens[row, : len(chunk)] = torch.tensor(chunk)
-            positions[row] = torch.arange(start, start + width)
+        tokens = torch.tensor([[*chunk, *([0] * (width - len(chunk)))] for _, _, chunk in rows], dtype=torch.long)
+        positions = torch.tensor([range(start, start + width) for _, start, _ in rows], dtype=torch.long)
         slots = torch.tensor([s.slot for s, _, _ in rows], dtype=torch.long)
-        kv_len = int(positions.max()) + 1
+        kv_len = max(start for _, start, _ in rows) + width
         return self.backend.forward(tokens, positions, slots, kv_len)
 
     def _forward_ragged(self, chunks: list[tuple[_Seq, int, list[int]]], seqs: list[_Seq]) -> torch.Tensor:
@@ -544,8 +548,30 @@ class Engine:
                 self._deliver(seq, seq.pending_out)
                 seq.pending_out = []
 
-    @staticmethod
-    def _deliver(seq: _Seq, item: list[int] | Finished) -> None:
-        # RuntimeError: the session's loop is gone (shutdown); nobody is listening.
-        with contextlib.suppress(RuntimeError):
-            seq.loop.call_soon_threadsafe(seq.stream._deliver, item)
+    def _deliver(self, seq: _Seq, item: list[int] | Finished) -> None:
+        self._outbox.append((seq.loop, seq.stream, item))
+
+    def _post(self) -> None:
+        """Hand the outbox to the loops: one `call_soon_threadsafe` per loop, not one per sequence. Each call writes
+        the loop's wake-up socket (a syscall that releases the GIL) and queues a callback; per sequence that was up
+        to 256 of each per step at 128 sessions. bench/engine_delivery.py: a few per cent of a 10 ms pass at
+        64–256 rows (docs/benchmarks.md 7d); beside busy Python threads the GIL wait dwarfs it. Order per stream
+        is kept."""
+        if not self._outbox:
+            return
+        t0 = time.perf_counter()
+        batches: dict[int, tuple[asyncio.AbstractEventLoop, list[tuple[TokenStream, list[int] | Finished]]]] = {}
+        for loop, stream, item in self._outbox:
+            batches.setdefault(id(loop), (loop, []))[1].append((stream, item))
+        self._outbox = []
+        for loop, batch in batches.values():
+            # RuntimeError: that loop is gone (shutdown); nobody is listening.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver_all, batch)
+        self.stats.post_seconds += time.perf_counter() - t0
+
+
+def _deliver_all(batch: list[tuple[TokenStream, list[int] | Finished]]) -> None:
+    """On the loop: one engine pass's tokens and endings for its streams, in the order they were made."""
+    for stream, item in batch:
+        stream._deliver(item)

@@ -179,6 +179,29 @@ async def test_concurrent_requests_share_batched_steps(make_engine: MakeEngine) 
     assert not backend.misuse
 
 
+async def test_a_steps_tokens_for_every_sequence_wake_the_loop_once(make_engine: MakeEngine,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each wake-up of the loop is a syscall that hands the GIL away: one per engine pass, not per sequence."""
+    loop = asyncio.get_running_loop()
+    from_engine = 0
+    original = loop.call_soon_threadsafe
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal from_engine
+        from_engine += threading.current_thread().name == "duet-engine"
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    engine, _ = make_engine(FakeBackend(slots=8), start=False)
+    prompts = [[i + 1, 2 * i + 3, 5] for i in range(8)]
+    streams = [engine.submit(req(p, max_new=6)) for p in prompts]
+    engine.start()
+    outs = await asyncio.gather(*(collect(s) for s in streams))
+    assert outs == [reference(p, 6) for p in prompts]  # each stream's tokens, complete and in order
+    # One post per engine pass (a step, or a pass that only ended sequences): per sequence it was >= 8 x 6.
+    assert 0 < from_engine <= engine.stats.steps + 2, (from_engine, engine.stats.steps)
+
+
 async def test_audio_deadline_orders_engine_steps(make_engine: MakeEngine) -> None:
     """Budget of one token per step: the AB about to run dry goes first, then the FB, then the relaxed AB."""
     cfg = SchedulerConfig(token_budget=1, max_batch=1, prefill_chunk=1, urgent_audio_ms=1500.0)
