@@ -91,6 +91,7 @@ def level_deltas(before: dict[str, float], after: dict[str, float], wall_s: floa
     pause_s = delta(f"duet_gc_pause_seconds_total{full}")
     return {"engine_busy_share": rate("duet_engine_busy_seconds_total"),  # the GPU's thread, steps in flight
             "event_loop_busy_share": rate("duet_event_loop_busy_seconds_total"),
+            "engine_post_share": rate("duet_engine_post_seconds_total"),  # handing tokens to the loop
             "process_cpu_cores": rate("process_cpu_seconds_total"),
             "engine_step_mean_ms": mean("duet_engine_step_seconds", 1000),  # the brain's pace: one token per row
             "engine_rows_per_step": mean("duet_engine_batch_size"),
@@ -447,7 +448,8 @@ COLUMNS = [("mode", "mode"), ("sessions", "sessions"), ("answered", "answered/tu
            ("ab_first_token_p50_ms", "first token"), ("first_chunk_text_p50_ms", "first chunk text"),
            ("first_audio_synthesized_p50_ms", "audio synth."),
            ("first_audio_sent_p50_ms", "audio sent"), ("underruns", "underruns"),
-           ("engine_busy_share", "engine busy"), ("event_loop_busy_share", "loop busy"),
+           ("engine_busy_share", "engine busy"), ("engine_post_share", "engine posting"),
+           ("event_loop_busy_share", "loop busy"),
            ("engine_step_mean_ms", "engine step ms"), ("engine_rows_per_step", "rows/step"),
            ("process_cpu_cores", "CPU cores"), ("asr_queue_peak", "ASR q peak"), ("tts_queue_peak", "TTS q peak"),
            ("event_loop_lag_peak_ms", "server lag peak"), ("gc_full_collections", "full GCs"),

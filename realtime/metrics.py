@@ -158,6 +158,8 @@ class _RuntimeCollector(Collector):
         yield CounterMetricFamily("duet_engine_steps", "Engine steps run", value=st.steps)
         yield CounterMetricFamily("duet_engine_busy_seconds", "Seconds the engine thread spent in steps; its rate "
                                   "is the engine's busy share", value=st.busy_seconds)
+        yield CounterMetricFamily("duet_engine_post_seconds", "Seconds the engine thread spent handing tokens to the "
+                                  "event loop (wake-ups give the GIL away); not in busy seconds", value=st.post_seconds)
         yield CounterMetricFamily("duet_engine_decode_tokens", "Tokens decoded", value=st.decode_tokens)
         yield CounterMetricFamily("duet_engine_prefill_tokens", "Prompt tokens prefilled", value=st.prefill_tokens)
         yield CounterMetricFamily("duet_engine_prefill_tokens_saved", "Prompt tokens reused from cached prefixes",

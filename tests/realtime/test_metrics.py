@@ -97,6 +97,7 @@ async def test_scrape_reads_sessions_engine_queues_errors_and_refusals() -> None
     assert got[("duet_engine_step_seconds_bucket", (("le", "+Inf"),))] == steps
     assert got[("duet_engine_decode_tokens_total", ())] == 12 == got[("duet_engine_batch_size_sum", ())]
     assert got[("duet_engine_busy_seconds_total", ())] > 0
+    assert got[("duet_engine_post_seconds_total", ())] > 0  # the tokens went to the loop
     assert got[("duet_engine_requests_waiting", ())] == 0
     assert got[("duet_worker_queue_depth", (("pool", "asr"),))] == 2
     assert got[("duet_worker_queue_depth", (("pool", "tts"),))] == 0
