@@ -136,7 +136,7 @@ async def one_run(engine_cls: type[Engine], rows: int, tokens: int, step_s: floa
 
 
 async def main(a: argparse.Namespace) -> dict[str, Any]:
-    sys.setswitchinterval(SERVER_SWITCH_INTERVAL_S)
+    sys.setswitchinterval(a.switch_interval_ms / 1000)
     results: list[dict[str, Any]] = []
     for contenders in a.contenders:
         for rows in a.rows:
@@ -160,7 +160,7 @@ async def main(a: argparse.Namespace) -> dict[str, Any]:
 def report(a: argparse.Namespace, results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"machine": f"{platform.machine()} {os.cpu_count()} cores", "cpu": platform.processor() or "unknown",
             "python": platform.python_version(), "torch": torch.__version__, "step_ms": a.step_ms,
-            "tokens": a.tokens, "reps": a.reps, "switch_interval_s": SERVER_SWITCH_INTERVAL_S, "results": results}
+            "tokens": a.tokens, "reps": a.reps, "switch_interval_ms": a.switch_interval_ms, "results": results}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -171,6 +171,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=30, help="tokens per sequence")
     p.add_argument("--step-ms", type=float, default=10.0, help="the stand-in forward's time")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--switch-interval-ms", type=float, default=SERVER_SWITCH_INTERVAL_S * 1000,
+                   help="sys.setswitchinterval (the server's is the default)")
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
 

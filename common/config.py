@@ -51,6 +51,16 @@ class ServerConfig:
     # After the models load, exclude them from garbage collection (gc.freeze): a full collection otherwise walks
     # every object of every model, ~260 ms with every thread stopped (realtime/gc_pauses.py).
     gc_freeze: bool = True
+    # How long a thread holding the GIL keeps it while another waits (sys.setswitchinterval; Python's default is
+    # 5 ms). Every torch call of the engine thread and every socket call of the event loop releases the GIL and
+    # may wait this long to take it back while another thread runs Python: beside one busy thread, a loop taking
+    # 128 sessions' audio lagged p99 77–336 ms at 1 ms, 13–30 ms at 0.2 ms (docs/benchmarks.md 7d). On the 2-core
+    # CPU stack 0.2 ms gained nothing (+6 to +34 ms v2v, within noise), so 1 ms stays the default; gpu.toml: 0.2.
+    gil_switch_interval_ms: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.gil_switch_interval_ms > 0:
+            raise ConfigError(f"server.gil_switch_interval_ms must be > 0, not {self.gil_switch_interval_ms}")
 
 
 @dataclass(frozen=True)

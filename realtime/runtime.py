@@ -261,9 +261,10 @@ class Runtime:
     @classmethod
     def load(cls, config: DuetConfig) -> Runtime:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        # Every torch call releases the GIL; at the default 5 ms switch interval the engine thread waits
-        # behind the event loop between kernels (measured on an H100: p95 first token 6.4 s at 64 sessions).
-        sys.setswitchinterval(0.001)
+        # Every torch call and every socket call releases the GIL; at the default 5 ms switch interval the engine
+        # thread waits behind the event loop between kernels (measured on an H100: p95 first token 6.4 s at 64
+        # sessions), and the loop behind the other threads between receives (common/config.py ServerConfig).
+        sys.setswitchinterval(config.server.gil_switch_interval_ms / 1000)
         t0 = time.perf_counter()
         if config.llm.backend == "vllm":
             engine, prompts = _vllm_engine(config)

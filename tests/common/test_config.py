@@ -159,3 +159,10 @@ def test_every_shipped_config_loads(name: str) -> None:
     # A typo'd key or a wrong type in a shipped file would otherwise surface only on the machine it is for.
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / f"{name}.toml")
     assert isinstance(cfg, DuetConfig)
+
+
+def test_the_gil_switch_interval_must_be_positive() -> None:
+    assert merge(DuetConfig(), {"server": {"gil_switch_interval_ms": 1}}).server.gil_switch_interval_ms == 1
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match="gil_switch_interval_ms"):
+            merge(DuetConfig(), {"server": {"gil_switch_interval_ms": bad}})

@@ -4,6 +4,7 @@ another session wait behind all of it."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -189,3 +190,9 @@ def test_speculative_asr_only_while_an_asr_thread_is_free() -> None:
     assert not rt.asr_has_room() and not rt.asr_has_room(0.5)
     rt.asr_inflight = 0
     assert rt.asr_has_room(0.5)
+
+
+@pytest.mark.integration
+def test_the_loaded_runtime_sets_the_configured_gil_switch_interval(runtime: object) -> None:
+    """Every torch and socket call gives the GIL away; the interval bounds how long taking it back can wait."""
+    assert sys.getswitchinterval() == pytest.approx(runtime.config.server.gil_switch_interval_ms / 1000)  # type: ignore[attr-defined]
