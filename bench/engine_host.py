@@ -3,7 +3,7 @@
 A forward on a GPU waits with the GIL released; the engine thread's own Python around it (building the step's
 input tensors, handing tokens to the event loop) needs the GIL back, and every torch call and every wake-up of the
 loop releases and retakes it. With other threads runnable in Python (the VAD thread, the event loop, pool threads)
-each retake can wait up to a switch interval (the server sets 1 ms), so host work that scales with the rows of a
+each retake can wait up to a switch interval (the server default, 1 ms), so host work that scales with the rows of a
 step (up to 256 at 128 sessions) can cost more than the forward.
 
 This runs the real `Engine` on a stand-in backend whose forward sleeps `--step-ms` (the GIL released, as a GPU
@@ -39,9 +39,9 @@ import torch
 
 from brains.engine import Engine, GenerationRequest
 from brains.scheduler import SchedulerConfig
+from common.config import ServerConfig
 
 VOCAB = 64
-SERVER_SWITCH_INTERVAL_S = 0.001  # what realtime/runtime.py sets
 
 
 class StandInBackend:
@@ -171,7 +171,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=30, help="tokens per sequence")
     p.add_argument("--step-ms", type=float, default=10.0, help="the stand-in forward's time")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--switch-interval-ms", type=float, default=SERVER_SWITCH_INTERVAL_S * 1000,
+    p.add_argument("--switch-interval-ms", type=float, default=ServerConfig().gil_switch_interval_ms,
                    help="sys.setswitchinterval (the server's is the default)")
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)

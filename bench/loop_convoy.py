@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 from aiohttp import WSMsgType, web
 
+from common.config import ServerConfig
+
 CHUNK_S = 0.02
-SERVER_SWITCH_INTERVAL_S = 0.001  # what realtime/runtime.py sets
 
 CLIENT = r"""
 import asyncio, base64, json, sys, time
@@ -148,7 +149,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--sessions", type=ints, default=[16, 64, 128])
     p.add_argument("--contenders", type=ints, default=[0, 1, 2])
     p.add_argument("--seconds", type=float, default=8.0, help="audio each session sends per level")
-    p.add_argument("--switch-interval-ms", type=float, default=SERVER_SWITCH_INTERVAL_S * 1000)
+    p.add_argument("--switch-interval-ms", type=float, default=ServerConfig().gil_switch_interval_ms)
     p.add_argument("--out", type=Path)
     return p.parse_args()
 

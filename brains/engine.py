@@ -554,7 +554,7 @@ class Engine:
     def _post(self) -> None:
         """Hand the outbox to the loops: one `call_soon_threadsafe` per loop, not one per sequence. Each call writes
         the loop's wake-up socket (a syscall that releases the GIL) and queues a callback; per sequence that was up
-        to 256 of each per step at 128 sessions. bench/engine_delivery.py: a few per cent of a 10 ms pass at
+        to 256 of each per step at 128 sessions. bench/engine_host.py: a few per cent of a 10 ms pass at
         64–256 rows (docs/benchmarks.md 7d); beside busy Python threads the GIL wait dwarfs it. Order per stream
         is kept."""
         if not self._outbox:
