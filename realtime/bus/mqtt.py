@@ -53,6 +53,7 @@ import aiomqtt
 
 from common.config import MqttConfig, MqttToolConfig
 from common.errors import SessionError
+from realtime.bus.cancel import raise_if_cancelled
 from realtime.core import events as ev
 from realtime.core.options import ResponseOptions
 from realtime.core.outbox import Outbox
@@ -63,6 +64,8 @@ log = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]")  # MQTT wildcards and separators never come from a server id
 NORMAL_CLOSURE = 1000  # WebSocket close code of a session ended over the bus
+# How long close() waits for its tasks once cancelled: a disconnect waits up to aiomqtt's 5 s timeout.
+CLOSE_WAIT_S = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,11 +129,15 @@ class MqttBus:
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
                 await client.publish(self.presence_topic, json.dumps(self._presence("offline")), qos=1, retain=True,
                                      timeout=2.0)
-        for task in (self._task, *self._control_tasks):
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*(t for t in (self._task, *self._control_tasks) if t is not None),
-                             return_exceptions=True)
+        tasks = [t for t in (self._task, *self._control_tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # Bounded: a shutdown must finish even if a task ignores its cancellation (see bus/cancel.py).
+            _, running = await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
+            if running:
+                log.error("mqtt bus: %d task(s) still running %.0f s after close: %s", len(running), CLOSE_WAIT_S,
+                          ", ".join(t.get_name() for t in running))
         for fut in self._replies.values():
             if not fut.done():
                 fut.cancel()
@@ -260,6 +267,7 @@ class MqttBus:
             finally:
                 self._client = None
                 self.connected.clear()
+            raise_if_cancelled()  # a disconnect's error raised while closing hid the cancellation
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.cfg.reconnect_max_s)
 
@@ -269,6 +277,7 @@ class MqttBus:
         for topic in {t.reply_topic for t in self.tools.values()}:
             await client.subscribe(topic, qos=1)
         await client.publish(self.presence_topic, json.dumps(self._presence(self.status)), qos=1, retain=True)
+        raise_if_cancelled()
         self._client = client
         self.connections += 1
         self.connected.set()
@@ -291,6 +300,7 @@ class MqttBus:
             await client.publish(msg.topic, msg.payload, qos=self.cfg.qos, retain=msg.retain)
             self._unsent = None
             self.published += 1
+            raise_if_cancelled()  # the ack and close()'s cancel in one loop pass: 3.11 drops the cancel
 
     async def _refresh(self, client: aiomqtt.Client) -> None:
         while True:

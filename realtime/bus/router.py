@@ -42,6 +42,7 @@ import aiomqtt
 from aiohttp import web
 
 from common.config import MqttConfig
+from realtime.bus.cancel import raise_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +311,7 @@ class Router:
                 async with self._new_client() as client:
                     delay = self.cfg.reconnect_min_s
                     await client.subscribe(self.topic, qos=1)
+                    raise_if_cancelled()
                     self.registry.resume()
                     self.connected.set()
                     log.info("router: subscribed to %s on %s:%d", self.topic, self.cfg.host, self.cfg.port)
@@ -323,6 +325,7 @@ class Router:
             finally:
                 self.connected.clear()
                 self.registry.pause()
+            raise_if_cancelled()  # an error raised on the way out of a cancelled connection hid the cancel
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.cfg.reconnect_max_s)
 
