@@ -24,11 +24,9 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 
-from brains.backends.loader import load_decoder, load_tokenizer
-from brains.backends.torch_backend import TorchBackend
-from brains.engine import Engine, GenerationEngine, GenerationRequest
+from brains.engine import GenerationEngine, GenerationRequest
+from brains.load import load_engine
 from brains.prompts import PromptBuilder
-from brains.scheduler import SchedulerConfig
 from common.audio import SPEECH_RATE
 from common.config import DuetConfig
 from realtime.speech_in.asr import Transcriber, load_listener
@@ -266,20 +264,7 @@ class Runtime:
         # sessions), and the loop behind the other threads between receives (common/config.py ServerConfig).
         sys.setswitchinterval(config.server.gil_switch_interval_ms / 1000)
         t0 = time.perf_counter()
-        if config.llm.backend == "vllm":
-            engine, prompts = _vllm_engine(config)
-        elif config.llm.backend == "remote":
-            engine, prompts = _remote_engine(config)
-        else:
-            decoder, tokenizer = load_decoder(config.llm)
-            prompts = PromptBuilder(tokenizer, config.llm, config.mind)
-            gpu = decoder.device.type == "cuda"
-            backend = TorchBackend(decoder, config.llm.max_slots, cuda_graphs=gpu and config.llm.cuda_graphs,
-                                   compile=gpu and config.llm.compile, logits_on_device=gpu)
-            engine = Engine(backend, SchedulerConfig(
-                token_budget=config.llm.step_token_budget, max_batch=config.llm.max_slots,
-                prefill_chunk=config.llm.prefill_chunk, urgent_audio_ms=config.mind.urgent_audio_ms),
-                eos_ids=prompts.stop_ids)
+        engine, prompts = load_engine(config)
         # Concurrent turns are transcribed and replies synthesized in parallel: one ASR thread per CTranslate2
         # worker (the Listener holds as many model replicas) or, with asr.engine = "torch", threads that only queue
         # their turn for its one batching worker; TTS threads sized to the cores. Both models release the GIL
@@ -379,23 +364,3 @@ def _load_smart_turn(config: DuetConfig) -> SmartTurn | None:
             raise
         log.warning("semantic_vad will run as server_vad: %s", exc)
         return None
-
-
-def _vllm_engine(config: DuetConfig) -> tuple[GenerationEngine, PromptBuilder]:
-    """llm.backend = "vllm": vLLM's engine on llm.model (a Hugging Face folder), the prompts from its tokenizer.
-    vLLM is imported only here, so the torch stack never needs it installed."""
-    from brains.backends.vllm_engine import VllmEngine
-
-    prompts = PromptBuilder(load_tokenizer(config.llm), config.llm, config.mind)
-    engine = VllmEngine(config.llm, urgent_audio_ms=config.mind.urgent_audio_ms, eos_ids=prompts.stop_ids)
-    return engine, prompts
-
-
-def _remote_engine(config: DuetConfig) -> tuple[GenerationEngine, PromptBuilder]:
-    """llm.backend = "remote": an OpenAI-compatible completions server at llm.remote_url. Only the tokenizer is
-    loaded here (llm.model: the served model's, so our prompt ids are the server's and detokenization stays ours)."""
-    from brains.backends.remote import RemoteEngine
-
-    prompts = PromptBuilder(load_tokenizer(config.llm), config.llm, config.mind)
-    engine = RemoteEngine(config.llm, urgent_audio_ms=config.mind.urgent_audio_ms, eos_ids=prompts.stop_ids)
-    return engine, prompts
