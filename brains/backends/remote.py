@@ -40,6 +40,7 @@ from typing import Any
 
 import aiohttp
 
+from brains.backends.engine_server import OWNER as DUET_OWNER
 from brains.backends.loop_thread import LoopThreadEngine, Seq
 from brains.backends.vllm_engine import engine_args
 from brains.engine import Finished, GenerationRequest, TokenStream
@@ -188,6 +189,7 @@ class RemoteEngine(LoopThreadEngine[_Seq]):
         key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._send_priority = cfg.remote_priority
+        self._duet_server = False  # set by _open: the server is `duet engine`
         self._max_requests = cfg.remote_max_requests or cfg.max_slots
         self._http: aiohttp.ClientSession | None = None
         self._gate: PriorityGate | None = None
@@ -216,7 +218,8 @@ class RemoteEngine(LoopThreadEngine[_Seq]):
         # The gate bounds requests in flight; the connector must not queue them again in arrival order.
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
         self._http = aiohttp.ClientSession(timeout=timeout, connector=connector, headers=self._headers)
-        models = await self._wait_for_models(cfg.remote_startup_timeout_s)
+        served = await self._wait_for_models(cfg.remote_startup_timeout_s)
+        models = [str(m["id"]) for m in served]
         if not self.model:
             if not models:
                 raise EngineError(f"the LLM server at {self.base_url} serves no model")
@@ -224,11 +227,15 @@ class RemoteEngine(LoopThreadEngine[_Seq]):
         elif models and self.model not in models:
             raise EngineError(f"the LLM server at {self.base_url} does not serve llm.remote_model = "
                               f"{self.model!r}; it serves {models}")
-        log.info("remote LLM: %s at %s (priorities %s, at most %d requests in flight)", self.model, self.base_url,
-                 "on" if self._send_priority else "off", self._max_requests)
+        # `duet engine` (brains/backends/engine_server.py) schedules on what each request is, not on a priority.
+        self._duet_server = any(m["id"] == self.model and m.get("owned_by") == DUET_OWNER for m in served)
+        log.info("remote LLM: %s at %s (%s, at most %d requests in flight)", self.model, self.base_url,
+                 "Duet's engine: mind-paced" if self._duet_server
+                 else f"priorities {'on' if self._send_priority else 'off'}", self._max_requests)
 
-    async def _wait_for_models(self, timeout_s: float) -> list[str]:
-        """The ids of GET /models, polled until the server answers (it may still be loading its model)."""
+    async def _wait_for_models(self, timeout_s: float) -> list[dict[str, Any]]:
+        """The models of GET /models (each with an `id`), polled until the server answers (it may still be
+        loading its model)."""
         assert self._http is not None
         deadline = time.monotonic() + timeout_s
         last = ""
@@ -241,7 +248,7 @@ class RemoteEngine(LoopThreadEngine[_Seq]):
                                           f"{_error_message(body)}; set {API_KEY_ENV}")
                     if resp.status == 200:
                         data = json.loads(body).get("data") or []
-                        return [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
+                        return [m for m in data if isinstance(m, dict) and "id" in m]
                     last = f"HTTP {resp.status}: {_error_message(body)}"
             except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
@@ -267,7 +274,10 @@ class RemoteEngine(LoopThreadEngine[_Seq]):
             # fields left out from the model folder's generation_config (top_k, top_p, repetition_penalty).
             "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,
         }
-        if self._send_priority:
+        if self._duet_server:
+            ahead = req.audio_ahead_ms() if req.audio_ahead_ms is not None else None
+            body["duet"] = {"brain": req.brain, "session_id": req.session_id, "audio_ahead_ms": ahead}
+        elif self._send_priority:
             body["priority"] = seq.priority
         return body
 
