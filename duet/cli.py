@@ -1,4 +1,5 @@
-"""`duet`: serve the realtime API, route connections among servers, or talk to a server from a WAV file."""
+"""`duet`: serve the realtime API (or its engine alone), route connections among servers, or talk to a server from
+a WAV file."""
 
 from __future__ import annotations
 
@@ -99,6 +100,48 @@ async def _serve_until_stopped(runtime: Runtime, host: str, port: int) -> None:
     print("stopped", flush=True)
 
 
+def _engine(args: argparse.Namespace) -> int:
+    """`duet engine`: the configured engine alone, for `duet serve` front-ends with `llm.backend = "remote"`."""
+    from brains.backends.engine_server import EngineServer, serve
+    from brains.load import load_engine
+    from realtime.transports.auth import is_loopback
+
+    config = load_config(args.config, args.set)
+    if config.llm.backend == "remote":
+        print("duet engine: llm.backend is \"remote\": this process would only forward; give it the engine's "
+              "config (torch or vllm)", file=sys.stderr)
+        return 2
+    key = os.environ.get("DUET_LLM_API_KEY", "")
+    if not key and not is_loopback(args.host):
+        print(f"duet engine: refusing to serve {args.host} without a key: set DUET_LLM_API_KEY (the front-ends "
+              "send it too) or listen on loopback", file=sys.stderr)
+        return 2
+    sys.setswitchinterval(config.server.gil_switch_interval_ms / 1000)  # the engine thread beside the loop
+    engine, _ = load_engine(config)
+    engine.start()
+    name = args.served_model_name or Path(config.llm.model).name
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        runner = await serve(EngineServer(engine, name, api_key=key), args.host, args.port)
+        port = runner.addresses[0][1]  # the port taken, where --port 0 asked for any
+        print(f"serving engine {name} on http://{args.host}:{port}/v1", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.close()
+    print("stopped", flush=True)
+    return 0
+
+
 def _quiet_libraries() -> None:
     logging.getLogger("faster_whisper").setLevel(logging.WARNING)
 
@@ -182,6 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", default=None, choices=["text", "json"],
                        help="log records as text lines or one JSON object each (default: server.log_format)")
     serve.set_defaults(func=_serve)
+
+    engine = sub.add_parser("engine", help="serve the configured engine alone to `duet serve` front-ends "
+                                           "(llm.backend = \"remote\"; docs/gpu.md)")
+    engine.add_argument("--config", default=str(DEFAULT_CONFIG_PATH), help="TOML config file ([llm], [mind])")
+    engine.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable), e.g. --set llm.max_slots=256")
+    engine.add_argument("--host", default="127.0.0.1")
+    engine.add_argument("--port", type=int, default=8000, help="the front-ends' llm.remote_url port")
+    engine.add_argument("--served-model-name", default="", help="the model's name in /v1/models "
+                        "(default: the last part of llm.model)")
+    engine.set_defaults(func=_engine)
 
     talk = sub.add_parser("talk", help="speak a WAV file to a server and save the spoken reply")
     talk.add_argument("--wav", required=True, help="the question, any WAV (resampled to 24 kHz)")
