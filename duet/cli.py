@@ -102,8 +102,12 @@ async def _serve_until_stopped(runtime: Runtime, host: str, port: int) -> None:
 
 def _engine(args: argparse.Namespace) -> int:
     """`duet engine`: the configured engine alone, for `duet serve` front-ends with `llm.backend = "remote"`."""
+    from aiohttp import web
+    from prometheus_client import generate_latest
+
     from brains.backends.engine_server import EngineServer, serve
     from brains.load import load_engine
+    from realtime import metrics
     from realtime.transports.auth import is_loopback
 
     config = load_config(args.config, args.set)
@@ -126,7 +130,14 @@ def _engine(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        runner = await serve(EngineServer(engine, name, api_key=key), args.host, args.port)
+        server = EngineServer(engine, name, api_key=key)
+        registry = metrics.engine_registry(engine)  # the same duet_engine_* names as duet serve's /metrics
+
+        async def scrape(request: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(registry), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+        server.app.router.add_get("/metrics", scrape)
+        runner = await serve(server, args.host, args.port)
         port = runner.addresses[0][1]  # the port taken, where --port 0 asked for any
         print(f"serving engine {name} on http://{args.host}:{port}/v1", flush=True)
         try:

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from brains.engine import StepHistogram
+from brains.engine import EngineStats, GenerationEngine, StepHistogram
 from realtime.core import events as ev
 from realtime.gc_pauses import GC_PAUSES, GENERATIONS
 from realtime.runtime import Runtime, TurnReport
@@ -144,6 +144,62 @@ def _queue_depth(rt: Runtime, pool: ThreadPoolExecutor) -> int:
     return pool._work_queue.qsize()
 
 
+def engine_families(st: EngineStats) -> Iterator[Metric]:
+    """The engine's counters, gauges and histograms: `duet serve`'s and `duet engine`'s (one process each)."""
+    yield CounterMetricFamily("duet_engine_steps", "Engine steps run", value=st.steps)
+    yield CounterMetricFamily("duet_engine_busy_seconds", "Seconds the engine thread spent in steps; its rate "
+                              "is the engine's busy share", value=st.busy_seconds)
+    yield CounterMetricFamily("duet_engine_post_seconds", "Seconds the engine thread spent handing tokens to the "
+                              "event loop (wake-ups give the GIL away); not in busy seconds", value=st.post_seconds)
+    yield CounterMetricFamily("duet_engine_decode_tokens", "Tokens decoded", value=st.decode_tokens)
+    yield CounterMetricFamily("duet_engine_prefill_tokens", "Prompt tokens prefilled", value=st.prefill_tokens)
+    yield CounterMetricFamily("duet_engine_prefill_tokens_saved", "Prompt tokens reused from cached prefixes",
+                              value=st.prefill_tokens_saved)
+    yield CounterMetricFamily("duet_engine_failed_requests", "Generation requests ended by an error",
+                              value=st.failed_requests)
+    yield CounterMetricFamily("duet_engine_failed_steps", "Engine steps whose forward raised",
+                              value=st.failed_steps)
+    yield GaugeMetricFamily("duet_engine_requests_waiting", "Requests waiting for a KV slot", value=st.waiting)
+    yield GaugeMetricFamily("duet_engine_sequences_live", "Sequences in KV slots", value=st.live)
+    yield _histogram("duet_engine_step_seconds", "Engine step time", st.step_seconds)
+    yield _histogram("duet_engine_batch_size", "Decode rows per engine step", st.batch_size)
+
+
+def gc_families() -> Iterator[Metric]:
+    """The process's garbage collections: every thread stops while the collector runs (realtime/gc_pauses.py)."""
+    gcs = CounterMetricFamily("duet_gc_collections", "Garbage collections by generation", labels=["generation"])
+    pauses = CounterMetricFamily("duet_gc_pause_seconds", "Wall time in garbage collections (every thread "
+                                 "waits) by generation", labels=["generation"])
+    longest = GaugeMetricFamily("duet_gc_pause_longest_seconds", "The longest garbage collection so far, by "
+                                "generation", labels=["generation"])
+    for g in GENERATIONS:
+        gcs.add_metric([str(g)], GC_PAUSES.collections[g])
+        pauses.add_metric([str(g)], GC_PAUSES.seconds[g])
+        longest.add_metric([str(g)], GC_PAUSES.longest[g])
+    yield from (gcs, pauses, longest)
+
+
+class EngineCollector(Collector):
+    """`duet engine`'s metrics, read at scrape time: its engine and the process's garbage collections."""
+
+    def __init__(self, engine: GenerationEngine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        yield from engine_families(self.engine.stats)
+        yield from gc_families()
+
+
+def engine_registry(engine: GenerationEngine) -> CollectorRegistry:
+    """The registry of a process that runs only an engine (`duet engine`): the engine, the process's CPU and
+    memory, and its garbage collections."""
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(engine))
+    ProcessCollector(registry=registry)
+    GC_PAUSES.install()
+    return registry
+
+
 class _RuntimeCollector(Collector):
     """Read at scrape time, on the scraping thread: only reads of counters, never a lock on a hot path."""
 
@@ -154,24 +210,7 @@ class _RuntimeCollector(Collector):
         rt = self.m.rt
         yield GaugeMetricFamily("duet_sessions_active", "Open sessions (realtime and phone calls)",
                                 value=len(rt.sessions))
-        st = rt.engine.stats
-        yield CounterMetricFamily("duet_engine_steps", "Engine steps run", value=st.steps)
-        yield CounterMetricFamily("duet_engine_busy_seconds", "Seconds the engine thread spent in steps; its rate "
-                                  "is the engine's busy share", value=st.busy_seconds)
-        yield CounterMetricFamily("duet_engine_post_seconds", "Seconds the engine thread spent handing tokens to the "
-                                  "event loop (wake-ups give the GIL away); not in busy seconds", value=st.post_seconds)
-        yield CounterMetricFamily("duet_engine_decode_tokens", "Tokens decoded", value=st.decode_tokens)
-        yield CounterMetricFamily("duet_engine_prefill_tokens", "Prompt tokens prefilled", value=st.prefill_tokens)
-        yield CounterMetricFamily("duet_engine_prefill_tokens_saved", "Prompt tokens reused from cached prefixes",
-                                  value=st.prefill_tokens_saved)
-        yield CounterMetricFamily("duet_engine_failed_requests", "Generation requests ended by an error",
-                                  value=st.failed_requests)
-        yield CounterMetricFamily("duet_engine_failed_steps", "Engine steps whose forward raised",
-                                  value=st.failed_steps)
-        yield GaugeMetricFamily("duet_engine_requests_waiting", "Requests waiting for a KV slot", value=st.waiting)
-        yield GaugeMetricFamily("duet_engine_sequences_live", "Sequences in KV slots", value=st.live)
-        yield _histogram("duet_engine_step_seconds", "Engine step time", st.step_seconds)
-        yield _histogram("duet_engine_batch_size", "Decode rows per engine step", st.batch_size)
+        yield from engine_families(rt.engine.stats)
         depth = GaugeMetricFamily("duet_worker_queue_depth", "Jobs queued or running per worker pool", labels=["pool"])
         for name, pool in (("asr", rt.asr_pool), ("tts", rt.tts_pool)):
             depth.add_metric([name], _queue_depth(rt, pool))
@@ -192,17 +231,7 @@ class _RuntimeCollector(Collector):
         yield CounterMetricFamily("duet_prefetches_started", "Replies started on a speculative or partial transcript "
                                   "(adopted at the commit if the transcript holds, else cancelled)",
                                   value=rt.prefetches_started)
-        # Every thread stops while the collector runs (realtime/gc_pauses.py).
-        gcs = CounterMetricFamily("duet_gc_collections", "Garbage collections by generation", labels=["generation"])
-        pauses = CounterMetricFamily("duet_gc_pause_seconds", "Wall time in garbage collections (every thread "
-                                     "waits) by generation", labels=["generation"])
-        longest = GaugeMetricFamily("duet_gc_pause_longest_seconds", "The longest garbage collection so far, by "
-                                    "generation", labels=["generation"])
-        for g in GENERATIONS:
-            gcs.add_metric([str(g)], GC_PAUSES.collections[g])
-            pauses.add_metric([str(g)], GC_PAUSES.seconds[g])
-            longest.add_metric([str(g)], GC_PAUSES.longest[g])
-        yield from (gcs, pauses, longest)
+        yield from gc_families()
         # Frames per batched Silero call: near 1 when idle, near the live sessions under load.
         yield CounterMetricFamily("duet_vad_rounds", "Batched VAD model calls", value=rt.vad_batcher.rounds)
         yield CounterMetricFamily("duet_vad_frames", "32 ms frames run through the VAD", value=rt.vad_batcher.rows)

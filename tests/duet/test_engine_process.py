@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from brains.backends.remote import sse_events
 from tests.duet.serve_process import REPO, start_duet
@@ -41,9 +42,15 @@ async def test_duet_engine_serves_completions_and_stops_on_sigterm(tmp_path: Pat
 
             async with http.post(f"{url}/completions", json={"prompt": [10**7], "max_tokens": 2}) as resp:
                 assert resp.status == 400 and "vocabulary" in (await resp.json())["error"]["message"]
-            async with http.get(f"{url.removesuffix('/v1')}/healthz") as resp:
+            base = url.removesuffix("/v1")
+            async with http.get(f"{base}/healthz") as resp:
                 health = await resp.json()
             assert health == {"live_sequences": 0, "requests": {"fb": 1}}, health
+            async with http.get(f"{base}/metrics") as resp:
+                scraped = {s.name: s.value for f in text_string_to_metric_families(await resp.text())
+                           for s in f.samples}
+            assert scraped["duet_engine_decode_tokens_total"] >= len(ids) and scraped["duet_engine_steps_total"] > 0
+            assert scraped["process_cpu_seconds_total"] > 0
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0 and "stopped" in out, log.read_text()[-2000:]
