@@ -79,11 +79,12 @@ def export_tree(ref: str, into: Path) -> Path:
     return into
 
 
-def wait_ready(proc: subprocess.Popen[str]) -> subprocess.Popen[str]:
+def wait_ready(proc: subprocess.Popen[str], ready: str = "listening on") -> subprocess.Popen[str]:
+    """Until the server prints its `ready` line (`duet serve`'s; `duet engine` says "serving engine")."""
     assert proc.stdout is not None
     deadline = time.time() + 600
     for line in proc.stdout:
-        if line.startswith("listening on"):
+        if line.startswith(ready):
             return proc
         if time.time() > deadline:
             break

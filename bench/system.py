@@ -20,6 +20,11 @@ questions from N sessions at once (starts spread over one ~4 s turn cycle) and r
     python3 bench/system.py --sessions 1,8,32,64,128 --modes nothink --set llm.device=cuda ... \
         --out $OUT/system.json --md $OUT/system.md --plot $OUT/system.png
     .venv/bin/python bench/system.py --from-json a.json b.json --md all.md --plot all.png   # re-render, no run
+
+`--front-ends N` runs the process split instead of one `duet serve`: `duet engine` (the engine alone, on --port
++ 100) and N `duet serve` front ends (--port, --port + 1, ...) with `llm.backend = "remote"` on it; sessions are
+dealt round-robin over the front ends, and the /metrics of every process are read as one (counters summed:
+busy shares and CPU become cores over the processes; gauges: the largest).
 """
 
 from __future__ import annotations
@@ -57,6 +62,10 @@ STAGES = ("turn_decision_ms", "transcript_ms", "ab_first_token_ms", "first_chunk
           "first_audio_synthesized_ms", "first_audio_sent_ms")
 READY_TIMEOUT_S = 120.0  # a spawned client imports numpy and websockets: seconds, more on a loaded 2-core machine
 TICK_S = 0.01  # the client loop-lag ticker's period
+# Metrics that are levels, not counts: over several processes the largest is kept, not the sum.
+GAUGES = ("duet_worker_queue_depth", "duet_event_loop_lag_seconds", "duet_event_loop_busy_ratio",
+          "duet_sessions_active", "duet_engine_requests_waiting", "duet_engine_sequences_live", "process_",
+          "duet_gc_pause_longest_seconds", "duet_asyncio_tasks", "duet_worker_threads")
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -70,6 +79,18 @@ def scrape(port: int) -> dict[str, float]:
                 out[name] = float(value)
             except ValueError:
                 continue
+    return out
+
+
+def scrape_all(ports: list[int]) -> dict[str, float]:
+    """Every server process's /metrics as one (`--front-ends`: the front ends and `duet engine`): counters add up
+    (CPU seconds, loop busy seconds: the rates become cores), gauges keep their largest value (a queue depth or a
+    loop lag is per process: the worst one bounds)."""
+    out: dict[str, float] = {}
+    for port in ports:
+        for name, value in scrape(port).items():
+            gauge = name.startswith(GAUGES) and name != "process_cpu_seconds_total"
+            out[name] = max(out.get(name, value), value) if gauge else out.get(name, 0.0) + value
     return out
 
 
@@ -104,11 +125,11 @@ def level_deltas(before: dict[str, float], after: dict[str, float], wall_s: floa
             "prefetches_started": delta("duet_prefetches_started_total")}
 
 
-def poll_queues(port: int, peaks: dict[str, float], stop: threading.Event) -> None:
+def poll_queues(ports: list[int], peaks: dict[str, float], stop: threading.Event) -> None:
     """Peak queue depths and loop lag of the server while a level runs (a thread: the parent has no loop)."""
     while not stop.is_set():
         try:
-            m = scrape(port)
+            m = scrape_all(ports)
             for pool in ("asr", "tts"):
                 key = f'duet_worker_queue_depth{{pool="{pool}"}}'
                 peaks[pool] = max(peaks.get(pool, 0.0), m.get(key, 0.0))
@@ -116,6 +137,45 @@ def poll_queues(port: int, peaks: dict[str, float], stop: threading.Event) -> No
         except OSError:
             pass
         stop.wait(0.5)
+
+
+@dataclass
+class Servers:
+    """The server processes of a run: one `duet serve` with its own engine, or (`--front-ends N`) `duet engine`
+    and N `duet serve` front ends whose brains are remote on it (the process split; docs/gpu.md)."""
+
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+    front_ports: list[int] = field(default_factory=list)  # where the clients connect
+    metrics_ports: list[int] = field(default_factory=list)  # every process's /metrics
+
+    def start(self, config: str | None, sets: list[str], port: int, front_ends: int, log: Any) -> None:
+        common = [*(["--config", config] if config else []), *[x for s in sets for x in ("--set", s)]]
+        if not front_ends:
+            self._launch(["serve", "--port", str(port), *common], log, "listening on")
+            self.front_ports = self.metrics_ports = [port]
+            return
+        engine_port = port + 100
+        self._launch(["engine", "--port", str(engine_port), *common], log, "serving engine")
+        remote = ["--set", 'llm.backend="remote"', "--set", f'llm.remote_url="http://127.0.0.1:{engine_port}/v1"']
+        self.front_ports = [port + k for k in range(front_ends)]
+        for p in self.front_ports:  # loaded one after another: N model loads at once would only fight for cores
+            self._launch(["serve", "--port", str(p), *common, *remote], log, "listening on")
+        self.metrics_ports = [*self.front_ports, engine_port]
+
+    def _launch(self, argv: list[str], log: Any, ready: str) -> None:
+        proc = subprocess.Popen([sys.executable, "-m", "duet.cli", *argv], stdout=subprocess.PIPE, stderr=log,
+                                text=True)
+        self.procs.append(proc)
+        wait_ready(proc, ready)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):  # the front ends first, the engine they use last
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 # ---- one client process ------------------------------------------------------------------------------------
@@ -130,7 +190,7 @@ class Share:
     total: int  # sessions in the level: session i starts at STAGGER_CYCLE_S * i / total
     turns: int
     mode: str
-    url: str
+    urls: tuple[str, ...]  # session i connects to urls[i % len(urls)]: the front ends, or the one server
     turn_timeout_s: float
 
 
@@ -242,8 +302,8 @@ async def _client_share(conn: Connection, audio: list[np.ndarray], share: Share,
         for t in range(share.turns):
             q = (i + t) % len(audio)
             try:
-                result = await timed_turn(messages[q], silence, len(audio[q]) * 1000 / RATE, share.url, share.mode,
-                                          late, share.turn_timeout_s)
+                result = await timed_turn(messages[q], silence, len(audio[q]) * 1000 / RATE,
+                                          share.urls[i % len(share.urls)], share.mode, late, share.turn_timeout_s)
             except Exception as exc:  # a session that failed is counted, the level goes on
                 result = {"voice_to_voice_ms": None, "server_metrics": {}, "underruns": 0, "errors": [repr(exc)],
                           "user_transcript": "", "reply_transcript": ""}
@@ -330,18 +390,19 @@ def client_procs_for(sessions: int, asked: int) -> int:
     return max(1, min(sessions, asked or auto))
 
 
-def run_level(port: int, audio: list[np.ndarray], mode: str, sessions: int, turns: int, procs: int,
+def run_level(servers: Servers, audio: list[np.ndarray], mode: str, sessions: int, turns: int, procs: int,
               turn_timeout_s: float) -> dict[str, Any]:
     ctx = mp.get_context("spawn")  # not fork: the parent holds onnxruntime's threads (Piper) and a server pipe
-    url = f"ws://127.0.0.1:{port}/v1/realtime"
+    urls = tuple(f"ws://127.0.0.1:{port}/v1/realtime" for port in servers.front_ports)
+    ports = servers.metrics_ports
     children: list[_Child] = []
     results: list[dict[str, Any]] = []
     peaks: dict[str, float] = {}
     stop = threading.Event()
-    poller = threading.Thread(target=poll_queues, args=(port, peaks, stop), daemon=True)
+    poller = threading.Thread(target=poll_queues, args=(ports, peaks, stop), daemon=True)
     try:
         for k in range(procs):
-            share = Share(k, tuple(range(k, sessions, procs)), sessions, turns, mode, url, turn_timeout_s)
+            share = Share(k, tuple(range(k, sessions, procs)), sessions, turns, mode, urls, turn_timeout_s)
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(target=client_process, args=(theirs, audio, share), name=f"duet-client-{k}",
                                daemon=True)
@@ -349,7 +410,7 @@ def run_level(port: int, audio: list[np.ndarray], mode: str, sessions: int, turn
             theirs.close()  # the child holds the only write end now: its death is EOF here
             children.append(_Child(share, proc, ours))
         _wait_for(children, "ready", time.monotonic() + READY_TIMEOUT_S, results)
-        before = scrape(port)
+        before = scrape_all(ports)
         poller.start()
         start_wall = time.time() + 0.2  # every process starts its stagger cycle from the same instant
         for c in children:
@@ -369,7 +430,7 @@ def run_level(port: int, audio: list[np.ndarray], mode: str, sessions: int, turn
                 c.proc.join(5)
     if poller.ident is not None:  # started
         poller.join(5)
-    after = scrape(port)
+    after = scrape_all(ports)
     results.sort(key=lambda r: (r.get("session", 0), r.get("turn", 0)))
     v2v = [r["voice_to_voice_ms"] for r in results if r["voice_to_voice_ms"] is not None]
     m = [r["server_metrics"] for r in results]
@@ -441,7 +502,7 @@ def _cell(row: dict[str, Any], key: str) -> str:
     return "" if value is None else str(value)
 
 
-COLUMNS = [("mode", "mode"), ("sessions", "sessions"), ("answered", "answered/turns"),
+COLUMNS = [("mode", "mode"), ("sessions", "sessions"), ("front_ends", "front ends"), ("answered", "answered/turns"),
            ("voice_to_voice_p50_ms", "v2v p50"), ("voice_to_voice_p95_ms", "v2v p95"),
            ("client_committed_p50_ms", "commit (client)"), ("commit_backlog_p50_ms", "commit backlog"),
            ("turn_decision_p50_ms", "turn decision"), ("transcript_p50_ms", "transcript"),
@@ -504,7 +565,10 @@ def main() -> None:
     ap.add_argument("--client-procs", type=int, default=0,
                     help="client processes per level (0: one per 16 sessions, at most 8 and half the cores)")
     ap.add_argument("--turn-timeout-s", type=float, default=90, help="a turn without a reply by then fails")
-    ap.add_argument("--port", type=int, default=8791)
+    ap.add_argument("--port", type=int, default=8791, help="the server's port (front ends: this and the next ones)")
+    ap.add_argument("--front-ends", type=int, default=0, metavar="N",
+                    help="N > 0: `duet engine` (on --port + 100) and N `duet serve` front ends whose brains are "
+                         "remote on it; sessions are dealt round-robin over the front ends (0: one `duet serve`)")
     ap.add_argument("--out", default="bench/out/system.json")
     ap.add_argument("--md", default=None, help="also write the table as markdown here")
     ap.add_argument("--plot", default=None, help="also plot v2v p50/p95 vs sessions here (matplotlib)")
@@ -524,18 +588,19 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     audio = synthesize_questions()
-    cmd = [sys.executable, "-m", "duet.cli", "serve", "--port", str(args.port),
-           *(["--config", args.config] if args.config else []), *[x for s in args.set for x in ("--set", s)]]
     log = open(args.server_log, "w") if args.server_log else subprocess.DEVNULL  # noqa: SIM115 (lives with the server)
     report: dict[str, Any] = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores", "cpu": _cpu_name(), "gpu": _gpu_name(),
-        "config": args.config, "overrides": args.set, "server_start_s": None, "results": []}
+        "config": args.config, "overrides": args.set, "front_ends": args.front_ends, "server_start_s": None,
+        "results": []}
+    if args.front_ends:  # its own series on a plot beside a one-process report's
+        report["label"] = f"engine + {args.front_ends} front ends"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t_load = time.perf_counter()
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-    try:  # from the launch on: a SIGTERM while the models load must stop the server too
-        wait_ready(server)
+    servers = Servers()
+    try:  # from the launch on: a SIGTERM while the models load must stop the servers too
+        servers.start(args.config, args.set, args.port, args.front_ends, log)
         report["server_start_s"] = round(time.perf_counter() - t_load, 1)
         for mode in args.modes.split(","):
             for n in (int(x) for x in args.sessions.split(",")):
@@ -545,14 +610,14 @@ def main() -> None:
                     print(f"skipped {mode} x {n}: past --deadline-s", flush=True)
                     continue
                 turns = args.turns or (4 if n == 1 else 2)
-                row = run_level(args.port, audio, mode, n, turns, client_procs_for(n, args.client_procs),
+                row = run_level(servers, audio, mode, n, turns, client_procs_for(n, args.client_procs),
                                 args.turn_timeout_s)
+                row["front_ends"] = args.front_ends  # 0: one process, engine inside
                 report["results"].append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "samples"}), flush=True)
                 out.write_text(json.dumps(report, indent=2))  # after every level: a killed run keeps its rows
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        servers.stop()
         # Also on SIGTERM or an error: the table and plot of the levels that finished.
         out.write_text(json.dumps(report, indent=2))
         if report["results"]:
