@@ -79,6 +79,8 @@ class LoopThreadEngine(Generic[S]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        # (the session's loop, fn, args) made on this thread's loop since its last pass; see `_call`.
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, Callable[..., Any], tuple[Any, ...]]] = []
 
     # ---- subclasses ---------------------------------------------------------------------------
     async def _open(self) -> None:
@@ -212,11 +214,24 @@ class LoopThreadEngine(Generic[S]):
         self.stats.prefill_tokens_saved += min(seq.cached, prompt)
         self._call(seq, seq.stream._deliver, result)
 
-    @staticmethod
-    def _call(seq: Seq, fn: Callable[..., Any], *args: Any) -> None:
-        # RuntimeError: the session's loop is gone (shutdown); nobody is listening.
-        with contextlib.suppress(RuntimeError):
-            seq.loop.call_soon_threadsafe(fn, *args)
+    def _call(self, seq: Seq, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` on the sequence's loop, in order. On this thread's loop only. The calls of one pass of
+        this loop go out together at its next pass, one `call_soon_threadsafe` per session loop (as the torch
+        engine's `_post`): a backend step's chunks for every sequence arrive together, and one wake-up each
+        (a socket write that releases the GIL, then a callback) was up to one per sequence per token."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._post)
+        self._outbox.append((seq.loop, fn, args))
+
+    def _post(self) -> None:
+        batches: dict[int, tuple[asyncio.AbstractEventLoop, list[tuple[Callable[..., Any], tuple[Any, ...]]]]] = {}
+        for loop, fn, args in self._outbox:
+            batches.setdefault(id(loop), (loop, []))[1].append((fn, args))
+        self._outbox = []
+        for loop, calls in batches.values():
+            # RuntimeError: the session's loop is gone (shutdown); nobody is listening.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_run_all, calls)
 
     async def _shutdown(self) -> None:
         with self._lock:
@@ -225,3 +240,10 @@ class LoopThreadEngine(Generic[S]):
             await self._cancel(seq.seq_id)
         await asyncio.gather(*(s.task for s in live if s.task is not None), return_exceptions=True)
         await self._close_backend()
+        self._post()  # the last endings, before the loop stops
+
+
+def _run_all(calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
+    """On a session's loop: one pass's deliveries for its streams, in the order they were made."""
+    for fn, args in calls:
+        fn(*args)
