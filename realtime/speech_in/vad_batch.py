@@ -139,6 +139,7 @@ class VadBatcher:
         by_model: dict[int, list[_Job]] = {}
         for job in heads:
             by_model.setdefault(id(job.segmenter.stream.vad), []).append(job)
+        ran = 0  # frames the model ran this round: what `rows` and `rounds` count (not a failed call's)
         for group in by_model.values():  # one model in practice: the runtime's Silero
             frames = [job.frames.popleft() for job in group]  # type: ignore[union-attr]
             try:
@@ -148,13 +149,15 @@ class VadBatcher:
                 for job in group:
                     job.frames, job.error = deque(), exc
                 continue
+            ran += len(group)
             for job, frame, prob in zip(group, frames, probs, strict=True):
                 try:
                     job.events.extend(job.segmenter.step(frame, float(prob)))
                 except Exception as exc:  # one session's detector failing ends only its job
                     job.frames, job.error = deque(), exc
-        self.rounds += 1
-        self.rows += len(heads)
+        if ran:
+            self.rounds += 1
+            self.rows += ran
         for job in heads:  # a job that took its last frame is answered with this round, not the next
             self._advance(queues, id(job.segmenter), done)
 

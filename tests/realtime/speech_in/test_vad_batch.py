@@ -164,5 +164,6 @@ async def test_a_failing_model_call_fails_a_feed_of_exactly_one_frame(vad: Siler
     try:
         with pytest.raises(RuntimeError, match="hiccup"):
             await batcher.feed(seg, np.zeros(512, dtype=np.float32), len)
+        assert (batcher.rounds, batcher.rows) == (0, 0), "/metrics counts frames run, not a failed call's"
     finally:
         batcher.close()
