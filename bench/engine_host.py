@@ -37,6 +37,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench.contention import contend
 from brains.engine import Engine, GenerationRequest
 from brains.scheduler import SchedulerConfig
 from common.config import ServerConfig
@@ -86,14 +89,6 @@ class BeforeEngine(BatchedPostEngine):
 
 
 VARIANTS: dict[str, type[Engine]] = {"before": BeforeEngine, "batched_post": BatchedPostEngine, "after": Engine}
-
-
-def contend(stop: threading.Event) -> None:
-    """Pure-Python work that wants the GIL all the time, as a busy VAD thread or event loop does."""
-    x = 0
-    while not stop.is_set():
-        for i in range(2000):
-            x += i * i
 
 
 async def one_run(engine_cls: type[Engine], rows: int, tokens: int, step_s: float, contenders: int) -> dict[str, Any]:

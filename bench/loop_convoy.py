@@ -34,6 +34,9 @@ from typing import Any
 import numpy as np
 from aiohttp import WSMsgType, web
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench.contention import contend
 from common.config import ServerConfig
 
 CHUNK_S = 0.02
@@ -62,13 +65,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-def contend(stop: threading.Event) -> None:
-    x = 0
-    while not stop.is_set():
-        for i in range(2000):
-            x += i * i
 
 
 async def level(sessions: int, contenders: int, seconds: float) -> dict[str, Any]:
