@@ -304,8 +304,11 @@ class MindPacer:
             if self.audio_ahead_ms() < low_water:
                 return
             thought.changed.clear()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation (a barge-in) that comes
+            # as the thought lands (realtime/bus/cancel.py), and this reply would speak on.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(thought.changed.wait(), timeout=0.05)
+                async with asyncio.timeout(0.05):
+                    await thought.changed.wait()
 
     @staticmethod
     async def _wait(thought: _Thought, ready: Callable[[], bool]) -> None:

@@ -145,7 +145,8 @@ async def _converse(options: MicOptions, audio: AudioIO, queue: asyncio.Queue[tu
                     if options.turns is not None and state.replies >= options.turns and not audio.playback.queued_ms:
                         break
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 0.1)
+                        async with asyncio.timeout(0.1):
+                            await stop.wait()
                     _print_news(state, live.console)
                     live.update(render_live(state.snapshot()), refresh=True)
         finally:  # also on Ctrl-C, which cancels this coroutine

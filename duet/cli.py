@@ -186,7 +186,8 @@ def _route(args: argparse.Namespace) -> int:
         try:
             if args.once:  # render the proxy's file from the retained presence, and stop
                 try:
-                    await asyncio.wait_for(router.connected.wait(), 10)
+                    async with asyncio.timeout(10):
+                        await router.connected.wait()
                 except TimeoutError:
                     print(f"duet route: no broker at {config.mqtt.host}:{config.mqtt.port}", file=sys.stderr)
                     return 1

@@ -347,7 +347,8 @@ class MqttBus:
         log.info("[%s] tool %s(%s) -> %s", session_id, name, arguments, tool.request_topic,
                  extra={"session_id": session_id})
         try:
-            return await asyncio.wait_for(fut, tool.timeout_s)
+            async with asyncio.timeout(tool.timeout_s):  # not wait_for: a barge-in's cancel must not be lost
+                return await fut
         except TimeoutError:
             log.warning("[%s] tool %s: no reply on %s within %.1f s", session_id, name, tool.reply_topic,
                         tool.timeout_s, extra={"session_id": session_id})

@@ -354,7 +354,8 @@ class Router:
             await self.write_proxy_config(path)
             # A server that falls silent changes the membership without a message: look every few seconds.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=min(5.0, self.options.stale_after_s))
+                async with asyncio.timeout(min(5.0, self.options.stale_after_s)):  # not wait_for: bus/cancel.py
+                    await self._changed.wait()
             await asyncio.sleep(self.options.settle_s)
 
     async def write_proxy_config(self, path: Path) -> bool:

@@ -287,7 +287,8 @@ class WebRTCCall:
 
     async def _connect_deadline(self) -> None:
         try:
-            await asyncio.wait_for(self._connected.wait(), CONNECT_TIMEOUT_S)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await self._connected.wait()
         except TimeoutError:
             self.log.warning("the peer did not connect within %.0f s: ending the call", CONNECT_TIMEOUT_S)
             self._spawn_close()

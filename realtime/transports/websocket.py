@@ -277,7 +277,8 @@ class DuetServer:
         stalled socket (close waits at most 2 s for the close frame, then drops the transport)."""
         async def close() -> None:
             with contextlib.suppress(TimeoutError, ConnectionError):
-                await asyncio.wait_for(ws.close(code=code, message=reason.encode()[:120], drain=False), 2.0)
+                async with asyncio.timeout(2.0):
+                    await ws.close(code=code, message=reason.encode()[:120], drain=False)
             # Always drop the transport: a graceful close (transport.close) waits to flush a write buffer that a
             # client that does not read never takes, leaving the socket and its buffer alive for good.
             if request.transport is not None:

@@ -8,11 +8,12 @@ import itertools
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 
 from brains.engine import GenerationRequest, TokenStream
-from brains.pacer import MindPacer, PacerDone, PacerEvent, ReplyDelta, ThoughtDelta
+from brains.pacer import MindPacer, PacerDone, PacerEvent, ReplyDelta, ThoughtDelta, _Thought
 from brains.prompts import ChatMessage, PromptBuilder
 from brains.scheduler import SchedulerConfig
 from common.config import LlmConfig, MindConfig, PacingMode
@@ -436,3 +437,18 @@ async def test_a_reply_prefix_is_written_on_from_and_not_said_again(rig: Rig) ->
     assert said == REPLY[len(prefix):]
     done = events[-1]
     assert isinstance(done, PacerDone) and done.reply == REPLY[len(prefix):].strip()
+
+
+async def test_a_barge_in_as_new_thought_lands_still_stops_the_reply() -> None:
+    """The AB driver waits for the next thought segment with a timeout; a cancellation (a barge-in) in the same
+    loop pass as the thought's wake-up must end it. Python 3.11's `asyncio.wait_for` returned instead, and the
+    reply spoke on."""
+    pacer = SimpleNamespace(mind=MindConfig(), audio_ahead_ms=lambda: 10_000.0)  # plenty of audio: it waits
+    thought = _Thought()
+    waiting = asyncio.create_task(MindPacer._wait_for_next_segment(pacer, thought, 0))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)  # waiting on `changed`
+    thought.segments += 1
+    thought.changed.set()
+    waiting.cancel()  # the barge-in, in the same pass
+    await asyncio.wait([waiting], timeout=5)
+    assert waiting.cancelled(), "the wait returned as if no one had asked it to stop"
