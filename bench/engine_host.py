@@ -83,9 +83,9 @@ class BeforeEngine(BatchedPostEngine):
 
     def _post(self) -> None:
         outbox, self._outbox = self._outbox, []
-        for loop, stream, item in outbox:
+        for loop, fn, args in outbox:
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(stream._deliver, item)
+                loop.call_soon_threadsafe(fn, *args)
 
 
 VARIANTS: dict[str, type[Engine]] = {"before": BeforeEngine, "batched_post": BatchedPostEngine, "after": Engine}

@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -242,7 +242,7 @@ class Engine:
         self._live: dict[int, _Seq] = {}
         self._pool = SlotPool(backend.slots)
         # What this engine-thread pass has for the loops, in order, posted by `_post` in one call per loop.
-        self._outbox: list[tuple[asyncio.AbstractEventLoop, TokenStream, list[int] | Finished]] = []
+        self._outbox: list[LoopCall] = []
         self._thread: threading.Thread | None = None
         # Service order for fairness: a strict sequence, so sequences served in the same step don't tie and
         # the least recently served one really goes first next time (exact round robin).
@@ -549,7 +549,7 @@ class Engine:
                 seq.pending_out = []
 
     def _deliver(self, seq: _Seq, item: list[int] | Finished) -> None:
-        self._outbox.append((seq.loop, seq.stream, item))
+        self._outbox.append((seq.loop, seq.stream._deliver, (item,)))
 
     def _post(self) -> None:
         """Hand the outbox to the loops: one `call_soon_threadsafe` per loop, not one per sequence. Each call writes
@@ -560,18 +560,27 @@ class Engine:
         if not self._outbox:
             return
         t0 = time.perf_counter()
-        batches: dict[int, tuple[asyncio.AbstractEventLoop, list[tuple[TokenStream, list[int] | Finished]]]] = {}
-        for loop, stream, item in self._outbox:
-            batches.setdefault(id(loop), (loop, []))[1].append((stream, item))
-        self._outbox = []
-        for loop, batch in batches.values():
-            # RuntimeError: that loop is gone (shutdown); nobody is listening.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_deliver_all, batch)
+        outbox, self._outbox = self._outbox, []
+        post_by_loop(outbox)
         self.stats.post_seconds += time.perf_counter() - t0
 
 
-def _deliver_all(batch: list[tuple[TokenStream, list[int] | Finished]]) -> None:
-    """On the loop: one engine pass's tokens and endings for its streams, in the order they were made."""
-    for stream, item in batch:
-        stream._deliver(item)
+# A call to make on an event loop: (the loop, fn, args).
+LoopCall = tuple[asyncio.AbstractEventLoop, Callable[..., Any], tuple[Any, ...]]
+
+
+def post_by_loop(calls: list[LoopCall]) -> None:
+    """Make each call on its loop, in order, with one `call_soon_threadsafe` per loop (not one per call):
+    the engines' way of handing a pass's tokens to the sessions. A loop that is gone (shutdown) is skipped."""
+    batches: dict[int, tuple[asyncio.AbstractEventLoop, list[tuple[Callable[..., Any], tuple[Any, ...]]]]] = {}
+    for loop, fn, args in calls:
+        batches.setdefault(id(loop), (loop, []))[1].append((fn, args))
+    for loop, batch in batches.values():
+        with contextlib.suppress(RuntimeError):  # that loop is gone; nobody is listening
+            loop.call_soon_threadsafe(_run_all, batch)
+
+
+def _run_all(batch: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
+    """On the loop: one pass's deliveries for its streams, in the order they were made."""
+    for fn, args in batch:
+        fn(*args)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from brains.engine import EngineStats, Finished, GenerationRequest, TokenStream
+from brains.engine import EngineStats, Finished, GenerationRequest, LoopCall, TokenStream, post_by_loop
 from brains.scheduler import rank
 from common.config import LlmConfig
 from common.errors import EngineError
@@ -80,7 +80,7 @@ class LoopThreadEngine(Generic[S]):
         self._thread: threading.Thread | None = None
         self._closed = False
         # (the session's loop, fn, args) made on this thread's loop since its last pass; see `_call`.
-        self._outbox: list[tuple[asyncio.AbstractEventLoop, Callable[..., Any], tuple[Any, ...]]] = []
+        self._outbox: list[LoopCall] = []
 
     # ---- subclasses ---------------------------------------------------------------------------
     async def _open(self) -> None:
@@ -224,14 +224,8 @@ class LoopThreadEngine(Generic[S]):
         self._outbox.append((seq.loop, fn, args))
 
     def _post(self) -> None:
-        batches: dict[int, tuple[asyncio.AbstractEventLoop, list[tuple[Callable[..., Any], tuple[Any, ...]]]]] = {}
-        for loop, fn, args in self._outbox:
-            batches.setdefault(id(loop), (loop, []))[1].append((fn, args))
-        self._outbox = []
-        for loop, calls in batches.values():
-            # RuntimeError: the session's loop is gone (shutdown); nobody is listening.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_run_all, calls)
+        calls, self._outbox = self._outbox, []
+        post_by_loop(calls)
 
     async def _shutdown(self) -> None:
         with self._lock:
@@ -242,8 +236,3 @@ class LoopThreadEngine(Generic[S]):
         await self._close_backend()
         self._post()  # the last endings, before the loop stops
 
-
-def _run_all(calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
-    """On a session's loop: one pass's deliveries for its streams, in the order they were made."""
-    for fn, args in calls:
-        fn(*args)
