@@ -123,6 +123,7 @@ def _engine(args: argparse.Namespace) -> int:
     sys.setswitchinterval(config.server.gil_switch_interval_ms / 1000)  # the engine thread beside the loop
     engine, _ = load_engine(config)
     engine.start()
+    settle_process(config.server)  # the loaded weights out of the collector's walks, as in duet serve
     name = args.served_model_name or Path(config.llm.model).name
 
     async def run() -> None:

@@ -40,7 +40,7 @@ OWNER = "duet"  # /v1/models' `owned_by`: the remote backend sends the `duet` fi
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "abort"}
 
 
-class DuetFields(msgspec.Struct, forbid_unknown_fields=True):
+class DuetFields(msgspec.Struct):  # unknown fields ignored: a newer front end still works with an older engine
     brain: Literal["ab", "fb"] = "ab"
     session_id: str = ""
     audio_ahead_ms: float | None = None  # an AB segment's audio ahead of playback at submit; None: FB, or unknown
@@ -70,6 +70,8 @@ class EngineServer:
     """An aiohttp app around one started engine. The engine's lifetime is the caller's."""
 
     def __init__(self, engine: GenerationEngine, model: str, api_key: str = "") -> None:
+        # `api_key` guards the models and completions; /healthz (and `duet engine`'s /metrics) stay open, as
+        # `duet serve`'s ops routes do: counts and load only, for the machine's own monitoring.
         self.engine = engine
         self.model = model
         self.api_key = api_key
@@ -187,7 +189,9 @@ def _error(status: int, message: str) -> web.Response:
 async def serve(server: EngineServer, host: str, port: int) -> web.AppRunner:
     """Listen; returns the runner (`await runner.cleanup()` stops it). A client that goes away cancels its
     handler, which cancels its sequence in the engine."""
-    runner = web.AppRunner(server.app, handle_signals=False, handler_cancellation=True)
+    # A short shutdown: streams still open at stop are cut after 5 s (their clients see the stream end and fail
+    # that response), not the 60 s aiohttp would wait while the engine goes on generating for them.
+    runner = web.AppRunner(server.app, handle_signals=False, handler_cancellation=True, shutdown_timeout=5.0)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     log.info("engine server: %s at http://%s:%d/v1", server.model, host, port)

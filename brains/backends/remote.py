@@ -276,6 +276,8 @@ class RemoteEngine(LoopThreadEngine[_Seq]):
         }
         if self._duet_server:
             ahead = req.audio_ahead_ms() if req.audio_ahead_ms is not None else None
+            if ahead is not None:  # JSON has no inf or NaN; none queued is 0 (as `request_priority` reads it)
+                ahead = min(ahead, 1e9) if ahead > 0 else 0.0
             body["duet"] = {"brain": req.brain, "session_id": req.session_id, "audio_ahead_ms": ahead}
         elif self._send_priority:
             body["priority"] = seq.priority
