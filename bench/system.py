@@ -64,7 +64,7 @@ READY_TIMEOUT_S = 120.0  # a spawned client imports numpy and websockets: second
 TICK_S = 0.01  # the client loop-lag ticker's period
 # Metrics that are levels, not counts: over several processes the largest is kept, not the sum.
 GAUGES = ("duet_worker_queue_depth", "duet_event_loop_lag_seconds", "duet_event_loop_busy_ratio",
-          "duet_sessions_active", "duet_engine_requests_waiting", "duet_engine_sequences_live", "process_",
+          "duet_engine_requests_waiting", "duet_engine_sequences_live", "process_",
           "duet_gc_pause_longest_seconds", "duet_asyncio_tasks", "duet_worker_threads")
 
 
@@ -82,13 +82,16 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def scrape_all(ports: list[int]) -> dict[str, float]:
+def scrape_all(ports: list[int], engine_port: int | None = None) -> dict[str, float]:
     """Every server process's /metrics as one (`--front-ends`: the front ends and `duet engine`): counters add up
-    (CPU seconds, loop busy seconds: the rates become cores), gauges keep their largest value (a queue depth or a
-    loop lag is per process: the worst one bounds)."""
+    (CPU seconds, loop busy seconds: the rates become cores; sessions), gauges keep their largest value (a queue
+    depth or a loop lag is per process: the worst one bounds). With an engine port, the `duet_engine_*` families
+    are that process's alone: a front end's are its remote client's, which would count every token twice."""
     out: dict[str, float] = {}
     for port in ports:
         for name, value in scrape(port).items():
+            if engine_port is not None and port != engine_port and name.startswith("duet_engine_"):
+                continue
             gauge = name.startswith(GAUGES) and name != "process_cpu_seconds_total"
             out[name] = max(out.get(name, value), value) if gauge else out.get(name, 0.0) + value
     return out
@@ -125,11 +128,11 @@ def level_deltas(before: dict[str, float], after: dict[str, float], wall_s: floa
             "prefetches_started": delta("duet_prefetches_started_total")}
 
 
-def poll_queues(ports: list[int], peaks: dict[str, float], stop: threading.Event) -> None:
+def poll_queues(servers: Servers, peaks: dict[str, float], stop: threading.Event) -> None:
     """Peak queue depths and loop lag of the server while a level runs (a thread: the parent has no loop)."""
     while not stop.is_set():
         try:
-            m = scrape_all(ports)
+            m = servers.scrape()
             for pool in ("asr", "tts"):
                 key = f'duet_worker_queue_depth{{pool="{pool}"}}'
                 peaks[pool] = max(peaks.get(pool, 0.0), m.get(key, 0.0))
@@ -147,6 +150,10 @@ class Servers:
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
     front_ports: list[int] = field(default_factory=list)  # where the clients connect
     metrics_ports: list[int] = field(default_factory=list)  # every process's /metrics
+    engine_port: int | None = None  # `duet engine`'s, with front ends
+
+    def scrape(self) -> dict[str, float]:
+        return scrape_all(self.metrics_ports, self.engine_port)
 
     def start(self, config: str | None, sets: list[str], port: int, front_ends: int, log: Any) -> None:
         common = [*(["--config", config] if config else []), *[x for s in sets for x in ("--set", s)]]
@@ -161,6 +168,7 @@ class Servers:
         for p in self.front_ports:  # loaded one after another: N model loads at once would only fight for cores
             self._launch(["serve", "--port", str(p), *common, *remote], log, "listening on")
         self.metrics_ports = [*self.front_ports, engine_port]
+        self.engine_port = engine_port
 
     def _launch(self, argv: list[str], log: Any, ready: str) -> None:
         proc = subprocess.Popen([sys.executable, "-m", "duet.cli", *argv], stdout=subprocess.PIPE, stderr=log,
@@ -169,13 +177,17 @@ class Servers:
         wait_ready(proc, ready)
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):  # the front ends first, the engine they use last
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        """The front ends first (they drain), then the engine they used; each killed if it takes over 30 s."""
+        fronts, engine = (self.procs[1:], self.procs[:1]) if self.engine_port is not None else (self.procs, [])
+        for group in (fronts, engine):
+            for proc in group:
+                proc.terminate()
+            for proc in group:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 # ---- one client process ------------------------------------------------------------------------------------
@@ -394,12 +406,11 @@ def run_level(servers: Servers, audio: list[np.ndarray], mode: str, sessions: in
               turn_timeout_s: float) -> dict[str, Any]:
     ctx = mp.get_context("spawn")  # not fork: the parent holds onnxruntime's threads (Piper) and a server pipe
     urls = tuple(f"ws://127.0.0.1:{port}/v1/realtime" for port in servers.front_ports)
-    ports = servers.metrics_ports
     children: list[_Child] = []
     results: list[dict[str, Any]] = []
     peaks: dict[str, float] = {}
     stop = threading.Event()
-    poller = threading.Thread(target=poll_queues, args=(ports, peaks, stop), daemon=True)
+    poller = threading.Thread(target=poll_queues, args=(servers, peaks, stop), daemon=True)
     try:
         for k in range(procs):
             share = Share(k, tuple(range(k, sessions, procs)), sessions, turns, mode, urls, turn_timeout_s)
@@ -410,7 +421,7 @@ def run_level(servers: Servers, audio: list[np.ndarray], mode: str, sessions: in
             theirs.close()  # the child holds the only write end now: its death is EOF here
             children.append(_Child(share, proc, ours))
         _wait_for(children, "ready", time.monotonic() + READY_TIMEOUT_S, results)
-        before = scrape_all(ports)
+        before = servers.scrape()
         poller.start()
         start_wall = time.time() + 0.2  # every process starts its stagger cycle from the same instant
         for c in children:
@@ -430,7 +441,7 @@ def run_level(servers: Servers, audio: list[np.ndarray], mode: str, sessions: in
                 c.proc.join(5)
     if poller.ident is not None:  # started
         poller.join(5)
-    after = scrape_all(ports)
+    after = servers.scrape()
     results.sort(key=lambda r: (r.get("session", 0), r.get("turn", 0)))
     v2v = [r["voice_to_voice_ms"] for r in results if r["voice_to_voice_ms"] is not None]
     m = [r["server_metrics"] for r in results]

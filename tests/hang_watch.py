@@ -105,8 +105,10 @@ def report_hang(config: pytest.Config, nodeid: str, main_id: int) -> None:
     print(f"\n{REPORT[0]}: stacks, then the run is interrupted", file=sys.stderr)
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     frame = sys._current_frames().get(main_id)
-    REPORT.append("main thread, innermost last:")
-    REPORT.extend(f"    {short(line.strip())}" for line in traceback.format_stack(frame)[-12:] if "File" in line)
+    if frame is not None:  # (format_stack(None) would show this timer thread instead)
+        REPORT.append("main thread, innermost last:")
+        REPORT.extend(f"    {short(line.strip())}" for line in traceback.format_stack(frame)[-12:]
+                      if "File" in line)
     loop = running_loop_of(main_id)
     if loop is not None:
         loop.call_soon_threadsafe(lambda: REPORT.extend(task_report()))

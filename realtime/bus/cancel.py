@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import asyncio
 
+# How long a bus or router's close() waits for its cancelled tasks: a disconnect waits up to aiomqtt's 5 s.
+CLOSE_WAIT_S = 10.0
+
 
 def raise_if_cancelled() -> None:
     """Raise CancelledError in a task that was asked to stop, even if an await on the way swallowed it."""

@@ -42,7 +42,7 @@ import aiomqtt
 from aiohttp import web
 
 from common.config import MqttConfig
-from realtime.bus.cancel import raise_if_cancelled
+from realtime.bus.cancel import CLOSE_WAIT_S, raise_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,12 @@ class Router:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            # Bounded, as MqttBus.close: a task that lost its cancellation must not hold a shutdown (bus/cancel.py).
+            _, running = await asyncio.wait(self._tasks, timeout=CLOSE_WAIT_S)
+            if running:
+                log.error("router: %d task(s) still running %.0f s after close: %s", len(running), CLOSE_WAIT_S,
+                          ", ".join(t.get_name() for t in running))
         self._tasks.clear()
         if self._runner is not None:
             await self._runner.cleanup()
