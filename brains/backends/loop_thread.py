@@ -235,4 +235,3 @@ class LoopThreadEngine(Generic[S]):
         await asyncio.gather(*(s.task for s in live if s.task is not None), return_exceptions=True)
         await self._close_backend()
         self._post()  # the last endings, before the loop stops
-

@@ -1,4 +1,4 @@
-"""Cancellation that aiomqtt's waits can lose on Python 3.11, found again.
+"""Cancellation that aiomqtt's waits can lose on Python 3.11, found again; and how long a close waits.
 
 aiomqtt waits for a broker's acknowledgement (and for a clean disconnect) with `asyncio.wait_for`. On Python
 3.11, when a task is cancelled in the same loop pass as the awaited acknowledgement lands, `wait_for` returns

@@ -53,7 +53,7 @@ import aiomqtt
 
 from common.config import MqttConfig, MqttToolConfig
 from common.errors import SessionError
-from realtime.bus.cancel import raise_if_cancelled
+from realtime.bus.cancel import CLOSE_WAIT_S, raise_if_cancelled
 from realtime.core import events as ev
 from realtime.core.options import ResponseOptions
 from realtime.core.outbox import Outbox
@@ -64,8 +64,6 @@ log = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]")  # MQTT wildcards and separators never come from a server id
 NORMAL_CLOSURE = 1000  # WebSocket close code of a session ended over the bus
-# How long close() waits for its tasks once cancelled: a disconnect waits up to aiomqtt's 5 s timeout.
-CLOSE_WAIT_S = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
