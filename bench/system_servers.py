@@ -115,16 +115,20 @@ class Servers:
         self._launch(["engine", "--port", str(engine_port), *common], log, "serving engine")
         remote = ["--set", 'llm.backend="remote"', "--set", f'llm.remote_url="http://127.0.0.1:{engine_port}/v1"']
         self.front_ports = [port + k for k in range(front_ends)]
-        for p in self.front_ports:  # loaded one after another: N model loads at once would only fight for cores
-            self._launch(["serve", "--port", str(p), *common, *remote], log, "listening on")
+        # Started together, then waited for: one after another, 8 front ends took 6 minutes to load on the GPU
+        # machine (~45 s each, mostly single-threaded imports and CUDA set-up), over half a 10-minute run call.
+        starting = [self._launch(["serve", "--port", str(p), *common, *remote], log, "listening on", wait=False)
+                    for p in self.front_ports]
+        for proc in starting:
+            wait_ready(proc, "listening on")
         self.metrics_ports = [*self.front_ports, engine_port]
         self.engine_port = engine_port
 
-    def _launch(self, argv: list[str], log: Any, ready: str) -> None:
+    def _launch(self, argv: list[str], log: Any, ready: str, wait: bool = True) -> subprocess.Popen[str]:
         proc = subprocess.Popen([sys.executable, "-m", "duet.cli", *argv], stdout=subprocess.PIPE, stderr=log,
                                 text=True)
-        self.procs.append(proc)
-        wait_ready(proc, ready)
+        self.procs.append(proc)  # before the wait: stop() reaps it if the wait fails
+        return wait_ready(proc, ready) if wait else proc
 
     def stop(self) -> None:
         """The front ends first (they drain), then the engine they used; each killed if it takes over 30 s."""
