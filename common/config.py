@@ -184,6 +184,9 @@ class TtsConfig:
     noise_scale: float = 0.667
     noise_w: float = 0.8
     threads: int = 1  # onnxruntime intra-op threads per synthesis
+    # "cpu", or "cuda"/"cuda:N": Piper through onnxruntime's CUDA provider, which needs onnxruntime-gpu (a CUDA 13
+    # build, 1.31 or newer) installed in place of onnxruntime (docs/gpu.md). A clear error at start otherwise.
+    device: str = "cpu"
     # Replies synthesized at once (TTS pool threads sharing one re-entrant onnxruntime session); 0 = as many
     # as the cores hold at `threads` each, at most 4.
     workers: int = 0

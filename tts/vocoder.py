@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from common.config import TtsConfig
+from common.errors import EngineError
 
 logger = logging.getLogger(__name__)
 
@@ -43,21 +44,26 @@ class PiperVocoder:
         noise_scale: float = 0.667,
         noise_w: float = 0.8,
         threads: int = 1,
+        device: str = "cpu",
     ) -> None:
         self.sample_rate = sample_rate
         self._scales = np.array([noise_scale, length_scale, noise_w], dtype=np.float32)
         started = time.perf_counter()
         self._session = ort.InferenceSession(
-            str(model_path), sess_options=_session_options(threads), providers=["CPUExecutionProvider"]
+            str(model_path), sess_options=_session_options(threads), providers=_providers(device)
         )
+        if device != "cpu" and self._session.get_providers()[0] != "CUDAExecutionProvider":
+            # onnxruntime falls back to the CPU when the CUDA libraries fail to load (it logs why, above).
+            raise EngineError(f"tts.device = {device!r}: onnxruntime could not start its CUDA provider (see its "
+                              "error above: CUDA 13 and cuDNN 9 libraries, e.g. torch's nvidia-* wheels)")
         inputs = {i.name for i in self._session.get_inputs()}
         missing = {"input", "input_lengths", "scales"} - inputs
         if missing:
             raise ValueError(f"{model_path} is not a Piper VITS model: no input(s) {sorted(missing)}")
         # Multi-speaker exports take `sid`; single-speaker ones reject it.
         self._sid = np.array([speaker_id], dtype=np.int64) if num_speakers > 1 and "sid" in inputs else None
-        logger.info("loaded vocoder %s in %.2fs (%d Hz, %d thread(s))",
-                    Path(model_path).name, time.perf_counter() - started, sample_rate, threads)
+        logger.info("loaded vocoder %s in %.2fs (%d Hz, %d thread(s), %s)",
+                    Path(model_path).name, time.perf_counter() - started, sample_rate, threads, device)
 
     @classmethod
     def from_voice_config(
@@ -73,6 +79,7 @@ class PiperVocoder:
             noise_scale=cfg.noise_scale,
             noise_w=cfg.noise_w,
             threads=cfg.threads,
+            device=cfg.device,
         )
 
     def __call__(self, phoneme_ids: Sequence[int]) -> np.ndarray:
@@ -87,6 +94,26 @@ class PiperVocoder:
             feed["sid"] = self._sid
         audio = self._session.run(None, feed)[0]
         return _level(np.asarray(audio, dtype=np.float32).reshape(-1))
+
+
+def _providers(device: str) -> list[Any]:
+    """onnxruntime's providers for `tts.device`, or EngineError saying why the device cannot be used."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise EngineError(f'tts.device = {device!r}: Piper runs on "cpu" or "cuda[:N]"')
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise EngineError(f"tts.device = {device!r} needs onnxruntime-gpu (a CUDA 13 build, 1.31 or newer) in place "
+                          f"of onnxruntime {ort.__version__}, which has {available} (docs/gpu.md)")
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        preload()  # CUDA and cuDNN from the nvidia-* wheels (torch's), where the loader would not look
+    # Every chunk is a new input length: cuDNN's exhaustive search would time each new shape's convolutions
+    # on a listener's turn, so take its heuristic choice.
+    options = {"device_id": int(index or 0), "cudnn_conv_algo_search": "HEURISTIC"}
+    return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
 
 def _session_options(threads: int) -> ort.SessionOptions:
