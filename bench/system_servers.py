@@ -106,7 +106,10 @@ class Servers:
         return scrape_all(self.metrics_ports, self.engine_port)
 
     def start(self, config: str | None, sets: list[str], port: int, front_ends: int, log: Any) -> None:
-        common = [*(["--config", config] if config else []), *[x for s in sets for x in ("--set", s)]]
+        # server.front_ends=0: this bench starts and deals over the processes itself, and reads each one's /metrics
+        # (a config's own split, e.g. configs/gpu.toml's, would put them all behind one port).
+        common = [*(["--config", config] if config else []), *[x for s in [*sets, "server.front_ends=0"]
+                                                               for x in ("--set", s)]]
         if not front_ends:
             self._launch(["serve", "--port", str(port), *common], log, "listening on")
             self.front_ports = self.metrics_ports = [port]

@@ -57,10 +57,20 @@ class ServerConfig:
     # 128 sessions' audio lagged p99 77–336 ms at 1 ms, 13–30 ms at 0.2 ms (docs/benchmarks.md 7d). On the 2-core
     # CPU stack 0.2 ms gained nothing (+6 to +34 ms v2v, within noise), so 1 ms stays the default; gpu.toml: 0.2.
     gil_switch_interval_ms: float = 1.0
+    # > 0: `duet serve` runs the process split (duet/front_ends.py): `duet engine` and this many front-end
+    # processes on this one address, so the loop and engine threads stop queueing at one GIL. On the H200 machine
+    # 4 front ends held 64 sessions at v2v p50 445 ms where one process took 1346 ms (docs/benchmarks.md 7f).
+    # On a 2-core CPU it gains nothing (7e). max_sessions is divided among them.
+    front_ends: int = 0
+    # Bind with SO_REUSEPORT, so several processes serve one port and the kernel deals connections among them
+    # (the front ends above set it; a process manager running copies of `duet serve` may too).
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         if not self.gil_switch_interval_ms > 0:
             raise ConfigError(f"server.gil_switch_interval_ms must be > 0, not {self.gil_switch_interval_ms}")
+        if self.front_ends < 0:
+            raise ConfigError(f"server.front_ends must be >= 0, not {self.front_ends}")
 
 
 @dataclass(frozen=True)

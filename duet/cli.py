@@ -9,7 +9,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -28,19 +27,26 @@ def _serve(args: argparse.Namespace) -> int:
 
     tls = [f"server.{name}={json.dumps(path)}" for name, path in (("tls_cert_file", args.tls_cert),
                                                                    ("tls_key_file", args.tls_key)) if path]
-    config = load_config(args.config, [*args.set, *tls])
+    from duet.front_ends import FrontEnds, stop_signals
+
+    stop_signals()  # a supervised front end leaves SIGINT to its supervisor, from before the models load
+    sets = [*args.set, *tls, *([f"server.log_format={json.dumps(args.log_format)}"] if args.log_format else [])]
+    config = load_config(args.config, sets)
     # Before ~20 s of model loading: an open server on a public address must not start at all.
     Authenticator(config.auth, os.environ).check_bind(args.host or config.server.host)
     server_ssl_context(config.server.tls_cert_file, config.server.tls_key_file)
-    log_format = args.log_format or config.server.log_format
-    logs.configure(logging.DEBUG if args.verbose else logging.INFO, log_format)
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO, config.server.log_format)
     _quiet_libraries()
+    host = args.host or config.server.host
+    port = config.server.port if args.port is None else args.port
+    if config.server.front_ends:  # the process split: this process only starts and watches the others
+        config_args = [*(["-v"] if args.verbose else []), "--config", args.config,
+                       *[x for s in sets for x in ("--set", s)]]
+        return FrontEnds(config, config_args, host, port).run()
     print(f"loading models ({config.llm.model} on {config.llm.device}, whisper {config.asr.model}, "
           f"pacing {config.mind.mode})...", flush=True)
     runtime = Runtime.load(config)
     settle_process(config.server)
-    host = args.host or config.server.host
-    port = config.server.port if args.port is None else args.port
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_serve_until_stopped(runtime, host, port))
@@ -62,6 +68,7 @@ async def _serve_until_stopped(runtime: Runtime, host: str, port: int) -> None:
     """Serve until SIGTERM or SIGINT, then drain (realtime/lifecycle.py): refuse new sessions, let replies in
     flight finish for up to `server.shutdown_grace_seconds`, close the rest with 1001, and return, so the
     process exits 0. A second signal cuts the grace period short."""
+    from duet.front_ends import stop_signals, watch_supervisor
     from realtime import metrics, transcripts
     from realtime.bus import mqtt as mqtt_bus
     from realtime.transports.websocket import DuetServer
@@ -75,8 +82,9 @@ async def _serve_until_stopped(runtime: Runtime, host: str, port: int) -> None:
         lifecycle.request_stop()
 
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals():
         loop.add_signal_handler(sig, on_signal)
+    watcher = asyncio.create_task(watch_supervisor(lifecycle.request_stop))  # returns at once if unsupervised
     await server.start(host, port)
     if runtime.config.server.metrics_port:
         metrics.serve_port(metrics.attach(runtime), host, runtime.config.server.metrics_port)
@@ -97,6 +105,7 @@ async def _serve_until_stopped(runtime: Runtime, host: str, port: int) -> None:
         log_ = transcripts.attach(runtime)
         if log_ is not None:
             await asyncio.to_thread(log_.close)  # every finished turn on disk before exit
+        watcher.cancel()
     print("stopped", flush=True)
 
 
@@ -107,9 +116,11 @@ def _engine(args: argparse.Namespace) -> int:
 
     from brains.backends.engine_server import EngineServer, serve
     from brains.load import load_engine
+    from duet.front_ends import stop_signals, watch_supervisor
     from realtime import metrics
     from realtime.transports.auth import is_loopback
 
+    signals = stop_signals()  # a supervised engine leaves SIGINT to its supervisor, from before the model loads
     config = load_config(args.config, args.set)
     if config.llm.backend == "remote":
         print("duet engine: llm.backend is \"remote\": this process would only forward; give it the engine's "
@@ -129,8 +140,9 @@ def _engine(args: argparse.Namespace) -> int:
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             loop.add_signal_handler(sig, stop.set)
+        watcher = asyncio.create_task(watch_supervisor(stop.set))  # returns at once if unsupervised
         server = EngineServer(engine, name, api_key=key)
         registry = metrics.engine_registry(engine)  # the same duet_engine_* names as duet serve's /metrics
 
@@ -144,6 +156,7 @@ def _engine(args: argparse.Namespace) -> int:
         try:
             await stop.wait()
         finally:
+            watcher.cancel()
             await runner.cleanup()
 
     try:

@@ -113,7 +113,7 @@ class DuetServer:
                                      shutdown_timeout=5.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, self.cfg.port if port is None else port,
-                           ssl_context=self.ssl_context)
+                           ssl_context=self.ssl_context, reuse_port=self.cfg.reuse_port or None)
         await site.start()
         self._log_policy(host)
         return self._runner

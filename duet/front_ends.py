@@ -1,0 +1,242 @@
+"""`duet serve` with `server.front_ends = N`: the process split as one command.
+
+On the GPU machine one `duet serve` process tops out near 32 sessions: its event loop, the engine thread and the
+VAD, Whisper and TTS threads take turns at one GIL. `duet engine` plus N `duet serve` front ends with their brains
+remote on it held 64 sessions at a third of the latency (docs/benchmarks.md 7f). This runs that split:
+
+- `duet engine` on a free loopback port, with a fresh random key (DUET_LLM_API_KEY) unless one is set;
+- N `duet serve` front ends on the one configured address, each bound with SO_REUSEPORT, so the kernel deals new
+  connections among them: no proxy in between, and clients see one server;
+- a front end or the engine that dies is started again (after 1 s, doubling to 30 s while it keeps dying);
+- SIGTERM or SIGINT drains the front ends (their own `shutdown_grace_seconds`; a second signal cuts it short),
+  then stops the engine; exit 0. The children are stopped only this way (STOP_SIGNAL).
+
+Limits are per process, so `server.max_sessions` is divided among the front ends. Per-client caps
+(`auth.max_connections_per_client`) hold per front end. `/metrics` on the shared port answers for whichever front
+end the kernel picks: set `server.metrics_port` for one port per front end (metrics_port + k) and scrape the
+engine's `/metrics` at the URL this prints. Each front end announces itself on MQTT as `<server_id>-fe<k>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from common.config import DuetConfig
+
+log = logging.getLogger(__name__)
+
+# Set in every child. A child then stops only when its supervisor says so, with STOP_SIGNAL, and ignores SIGTERM and
+# SIGINT: a terminal's Ctrl-C reaches the whole process group, and systemd (KillMode=control-group) and `timeout`
+# signal every process at once, which would stop the engine under front ends still draining, and give each front
+# end a second signal that cuts its drain short. It also stops by itself if the supervisor is gone.
+SUPERVISOR_ENV = "DUET_SUPERVISOR_PID"
+STOP_SIGNAL = signal.SIGUSR1
+RESTART_BACKOFF_S = (1.0, 30.0)
+STOP_MARGIN_S = 15.0  # past a front end's grace period before it is killed
+
+
+def front_end_sets(config: DuetConfig, k: int, engine_url: str) -> list[str]:
+    """The `--set` overrides that make front end `k` of `config.server.front_ends` (after the user's own)."""
+    server, n = config.server, config.server.front_ends
+    sets = ["server.front_ends=0", "server.reuse_port=true", 'llm.backend="remote"',
+            f"llm.remote_url={engine_url!r}".replace("'", '"'),
+            f"server.max_sessions={math.ceil(server.max_sessions / n)}",
+            f'mqtt.server_id="{config.mqtt.server_id or socket.gethostname()}-fe{k}"']
+    if server.metrics_port:
+        sets.append(f"server.metrics_port={server.metrics_port + k}")
+    return sets
+
+
+@dataclass
+class Child:
+    """One supervised process: how to start it, and the line on its stdout that says it is ready."""
+
+    name: str
+    argv: list[str]
+    ready: str
+    proc: subprocess.Popen[str] | None = None
+    ready_line: str = ""
+    restarts: int = 0
+    backoff_s: float = RESTART_BACKOFF_S[0]
+    due: float = 0.0  # when a dead child may start again (time.monotonic)
+    started: float = field(default=0.0)
+
+    def start(self, env: dict[str, str], out: TextIO) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "duet.cli", *self.argv], stdout=subprocess.PIPE,
+                                     text=True, env=env)
+        self.started = time.monotonic()
+        self.ready_line = ""
+        ready = threading.Event()
+        threading.Thread(target=self._relay, args=(self.proc, ready, out), daemon=True,
+                         name=f"duet-{self.name}-stdout").start()
+        self._ready = ready
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        return self._ready.wait(timeout_s) and bool(self.ready_line)
+
+    def ended(self) -> bool:
+        """It ended before saying it was ready (its stdout closed without the ready line)."""
+        return self._ready.is_set() and not self.ready_line
+
+    def _relay(self, proc: subprocess.Popen[str], ready: threading.Event, out: TextIO) -> None:
+        """Its stdout, read to the end (a full pipe would block it), shown as `name: line`; the ready line kept."""
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if not ready.is_set() and line.startswith(self.ready):
+                self.ready_line = line.strip()
+                ready.set()
+            print(f"{self.name}: {line.rstrip()}", file=out, flush=True)
+        ready.set()  # it ended: whoever waits learns it never got ready
+
+
+class FrontEnds:
+    """`duet engine` and N `duet serve` front ends on one address (see the module's docstring)."""
+
+    def __init__(self, config: DuetConfig, config_args: list[str], host: str, port: int,
+                 out: TextIO = sys.stdout) -> None:
+        self.config, self.config_args, self.host, self.out = config, config_args, host, out
+        self.port = port
+        # Set by the signal handler, so plain flags: a handler that took a lock (Event.set) could interrupt the
+        # main thread inside that same lock and wait on it forever.
+        self.stopping = False
+        self.hurry = False  # a second signal: the front ends' drains are cut short too
+        key = os.environ.get("DUET_LLM_API_KEY") or secrets.token_urlsafe(24)
+        self.env = {**os.environ, "DUET_LLM_API_KEY": key, SUPERVISOR_ENV: str(os.getpid())}
+        self.engine = Child("engine", ["engine", "--host", "127.0.0.1", "--port", "0", *config_args],
+                            "serving engine")
+        self.fronts: list[Child] = []
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        try:
+            if not self._start_all():
+                return 0 if self.stopping else 1
+            print(f"{len(self.fronts)} front ends on port {self.port}, engine at {self.engine_url}", file=self.out)
+            print(f"listening on ws://{self.host}:{self.port}/v1/realtime", file=self.out, flush=True)
+            while not self.stopping:
+                time.sleep(0.5)
+                self._restart_dead()
+            return 0
+        finally:
+            self._stop()
+            print("stopped", file=self.out, flush=True)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.hurry = self.stopping
+        self.stopping = True
+
+    def _ready(self, children: list[Child], timeout_s: float = 600.0) -> bool:
+        """Whether every child said it is ready within `timeout_s`; False at once if one ended or a signal came."""
+        deadline = time.monotonic() + timeout_s
+        for child in children:
+            while not child.wait_ready(0.5):
+                if self.stopping or child.ended() or time.monotonic() > deadline:
+                    if not self.stopping:
+                        log.error("%s did not start", child.name)
+                    return False
+        return True
+
+    def _start_all(self) -> bool:
+        self.engine.start(self.env, self.out)
+        if not self._ready([self.engine]):
+            return False
+        # "serving engine NAME on http://127.0.0.1:PORT/v1": the port it took, fixed from here on (a restart
+        # takes the same one, so the front ends' llm.remote_url stays right).
+        self.engine_url = self.engine.ready_line.split()[-1]
+        engine_port = self.engine_url.rsplit(":", 1)[1].split("/")[0]
+        self.engine.argv[self.engine.argv.index("--port") + 1] = engine_port
+        # Port 0 means any free port, but each front end would take its own: hold one here, with SO_REUSEPORT
+        # like theirs, until they all listen on it.
+        with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as hold:
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            hold.bind((self.host, self.port))
+            self.port = hold.getsockname()[1]
+            for k in range(self.config.server.front_ends):
+                sets = [x for s in front_end_sets(self.config, k, self.engine_url) for x in ("--set", s)]
+                self.fronts.append(Child(f"front end {k}", ["serve", "--host", self.host, "--port",
+                                                            str(self.port), *self.config_args, *sets],
+                                         "listening on"))
+            for child in self.fronts:  # together: one after another, 8 took 6 minutes on the GPU machine
+                child.start(self.env, self.out)
+            return self._ready(self.fronts)
+
+    def _restart_dead(self) -> None:
+        now = time.monotonic()
+        for child in [self.engine, *self.fronts]:
+            assert child.proc is not None
+            if child.proc.poll() is None:
+                if now - child.started > 60:
+                    child.backoff_s = RESTART_BACKOFF_S[0]  # it has lived a while: the next death starts afresh
+                continue
+            if not child.due:
+                child.due = now + child.backoff_s
+                log.error("%s exited with %s; starting it again in %.0f s", child.name, child.proc.returncode,
+                          child.backoff_s)
+                child.backoff_s = min(RESTART_BACKOFF_S[1], child.backoff_s * 2)
+            elif now >= child.due:
+                child.due = 0.0
+                child.restarts += 1
+                child.start(self.env, self.out)
+
+    def _stop(self) -> None:
+        """The front ends first (each drains its sessions), then the engine they were using."""
+        grace = self.config.server.shutdown_grace_seconds + STOP_MARGIN_S
+        for group in (self.fronts, [self.engine]):
+            live = [c.proc for c in group if c.proc is not None and c.proc.poll() is None]
+            for proc in live:
+                proc.send_signal(STOP_SIGNAL)
+            hurried = self.hurry
+            deadline = time.monotonic() + grace
+            while any(proc.poll() is None for proc in live) and time.monotonic() < deadline:
+                if self.hurry and not hurried:  # asked twice: pass it on, as a second signal to `duet serve`
+                    hurried = True
+                    for proc in live:
+                        if proc.poll() is None:
+                            proc.send_signal(STOP_SIGNAL)
+                time.sleep(0.1)
+            for proc in live:
+                if proc.poll() is None:
+                    log.error("pid %d did not stop in %.0f s: killed", proc.pid, grace)
+                    proc.kill()
+                proc.wait()
+
+
+def supervised() -> int | None:
+    """The supervisor's pid when this process is one of its children, else None."""
+    pid = os.environ.get(SUPERVISOR_ENV, "")
+    return int(pid) if pid.isdigit() else None
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals a `duet serve` or `duet engine` stops on: SIGTERM and SIGINT, or a supervised child's
+    STOP_SIGNAL alone, ignoring the others from here on, model loading included (see STOP_SIGNAL)."""
+    if supervised() is None:
+        return (signal.SIGTERM, signal.SIGINT)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    return (STOP_SIGNAL,)
+
+
+async def watch_supervisor(stop: Callable[[], None], interval_s: float = 1.0) -> None:
+    """In a supervised child: `stop()` once the supervisor is gone (killed, so it could not stop this child)."""
+    pid = supervised()
+    if pid is None:
+        return
+    while os.getppid() == pid:
+        await asyncio.sleep(interval_s)
+    log.warning("the supervisor (pid %d) is gone: stopping", pid)
+    stop()
