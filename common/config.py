@@ -196,6 +196,7 @@ class TtsConfig:
     threads: int = 1  # onnxruntime intra-op threads per synthesis
     # "cpu", or "cuda"/"cuda:N": Piper through onnxruntime's CUDA provider, which needs onnxruntime-gpu (a CUDA 13
     # build, 1.31 or newer) installed in place of onnxruntime (docs/gpu.md). A clear error at start otherwise.
+    # Measured slower than 16 CPU threads at 128 sessions on the H200 machine (batch 1; docs/benchmarks.md 7f).
     device: str = "cpu"
     # Replies synthesized at once (TTS pool threads sharing one re-entrant onnxruntime session); 0 = as many
     # as the cores hold at `threads` each, at most 4.
