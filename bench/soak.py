@@ -235,7 +235,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     audio = synthesize_questions()
     cmd = [sys.executable, "-m", "duet.cli", "serve", "--port", str(args.port),
-           *(["--config", args.config] if args.config else []), *[x for s in args.set for x in ("--set", s)]]
+           *(["--config", args.config] if args.config else []), *[x for s in args.set for x in ("--set", s)],
+           "--set", "server.front_ends=0"]  # one process: its RSS, fds and threads are what the soak samples
     log = open(args.server_log, "w") if args.server_log else subprocess.DEVNULL  # noqa: SIM115 (lives with the server)
     server = wait_ready(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True))
     t0 = time.perf_counter()

@@ -60,7 +60,7 @@ class ServerConfig:
     # > 0: `duet serve` runs the process split (duet/front_ends.py): `duet engine` and this many front-end
     # processes on this one address, so the loop and engine threads stop queueing at one GIL. On the H200 machine
     # 4 front ends held 64 sessions at v2v p50 445 ms where one process took 1346 ms (docs/benchmarks.md 7f).
-    # On a 2-core CPU it gains nothing (7e). max_sessions is divided among them.
+    # On a 2-core CPU it gains nothing (7e). Each takes its share of max_sessions plus a quarter (random dealing).
     front_ends: int = 0
     # Bind with SO_REUSEPORT, so several processes serve one port and the kernel deals connections among them
     # (the front ends above set it; a process manager running copies of `duet serve` may too).

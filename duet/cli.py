@@ -22,14 +22,14 @@ if TYPE_CHECKING:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from duet.front_ends import FrontEnds, stop_signals
+
+    stop_signals()  # a supervised front end stops only on its supervisor's signal, from before the models load
     from realtime.runtime import Runtime
     from realtime.transports.auth import Authenticator, server_ssl_context
 
     tls = [f"server.{name}={json.dumps(path)}" for name, path in (("tls_cert_file", args.tls_cert),
                                                                    ("tls_key_file", args.tls_key)) if path]
-    from duet.front_ends import FrontEnds, stop_signals
-
-    stop_signals()  # a supervised front end leaves SIGINT to its supervisor, from before the models load
     sets = [*args.set, *tls, *([f"server.log_format={json.dumps(args.log_format)}"] if args.log_format else [])]
     config = load_config(args.config, sets)
     # Before ~20 s of model loading: an open server on a public address must not start at all.
@@ -40,9 +40,8 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     if config.server.front_ends:  # the process split: this process only starts and watches the others
-        config_args = [*(["-v"] if args.verbose else []), "--config", args.config,
-                       *[x for s in sets for x in ("--set", s)]]
-        return FrontEnds(config, config_args, host, port).run()
+        config_args = ["--config", args.config, *[x for s in sets for x in ("--set", s)]]
+        return FrontEnds(config, config_args, host, port, flags=["-v"] if args.verbose else []).run()
     print(f"loading models ({config.llm.model} on {config.llm.device}, whisper {config.asr.model}, "
           f"pacing {config.mind.mode})...", flush=True)
     runtime = Runtime.load(config)
@@ -120,7 +119,7 @@ def _engine(args: argparse.Namespace) -> int:
     from realtime import metrics
     from realtime.transports.auth import is_loopback
 
-    signals = stop_signals()  # a supervised engine leaves SIGINT to its supervisor, from before the model loads
+    signals = stop_signals()  # a supervised engine stops only on its supervisor's signal, from before the model loads
     config = load_config(args.config, args.set)
     if config.llm.backend == "remote":
         print("duet engine: llm.backend is \"remote\": this process would only forward; give it the engine's "
@@ -150,7 +149,7 @@ def _engine(args: argparse.Namespace) -> int:
             return web.Response(body=generate_latest(registry), headers={"Content-Type": metrics.CONTENT_TYPE})
 
         server.app.router.add_get("/metrics", scrape)
-        runner = await serve(server, args.host, args.port)
+        runner = await serve(server, args.host, args.port, reuse_port=config.server.reuse_port)
         port = runner.addresses[0][1]  # the port taken, where --port 0 asked for any
         print(f"serving engine {name} on http://{args.host}:{port}/v1", flush=True)
         try:

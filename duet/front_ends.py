@@ -11,7 +11,7 @@ remote on it held 64 sessions at a third of the latency (docs/benchmarks.md 7f).
 - SIGTERM or SIGINT drains the front ends (their own `shutdown_grace_seconds`; a second signal cuts it short),
   then stops the engine; exit 0. The children are stopped only this way (STOP_SIGNAL).
 
-Limits are per process, so `server.max_sessions` is divided among the front ends. Per-client caps
+Limits are per process, so each front end takes a share of `server.max_sessions` (`session_share`). Per-client caps
 (`auth.max_connections_per_client`) hold per front end. `/metrics` on the shared port answers for whichever front
 end the kernel picks: set `server.metrics_port` for one port per front end (metrics_port + k) and scrape the
 engine's `/metrics` at the URL this prints. Each front end announces itself on MQTT as `<server_id>-fe<k>`.
@@ -20,6 +20,7 @@ engine's `/metrics` at the URL this prints. Each front end announces itself on M
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -51,13 +52,36 @@ STOP_MARGIN_S = 15.0  # past a front end's grace period before it is killed
 def front_end_sets(config: DuetConfig, k: int, engine_url: str) -> list[str]:
     """The `--set` overrides that make front end `k` of `config.server.front_ends` (after the user's own)."""
     server, n = config.server, config.server.front_ends
+    server_id = f"{config.mqtt.server_id or socket.gethostname()}-fe{k}"
     sets = ["server.front_ends=0", "server.reuse_port=true", 'llm.backend="remote"',
-            f"llm.remote_url={engine_url!r}".replace("'", '"'),
-            f"server.max_sessions={math.ceil(server.max_sessions / n)}",
-            f'mqtt.server_id="{config.mqtt.server_id or socket.gethostname()}-fe{k}"']
+            f"llm.remote_url={json.dumps(engine_url)}", f"server.max_sessions={session_share(server.max_sessions, n)}",
+            f"mqtt.server_id={json.dumps(server_id)}"]  # a JSON string is a TOML basic string
     if server.metrics_port:
         sets.append(f"server.metrics_port={server.metrics_port + k}")
     return sets
+
+
+def session_share(max_sessions: int, front_ends: int) -> int:
+    """Each front end's `max_sessions`: its even share and a quarter more. The kernel deals connections at random,
+    so with even shares the busiest front end would refuse sessions well before the total is reached (128 into 4:
+    the busiest gets ~38 on average); the total may then exceed max_sessions by up to a quarter."""
+    return math.ceil(max_sessions * 1.25 / front_ends)
+
+
+def _hold_port(host: str, port: int, *, exclusive_check: bool) -> socket.socket:
+    """A socket bound to (host, port) with SO_REUSEPORT, not listening: it keeps the port ours (a restart of the
+    process that listens there finds it free of strangers, and port 0 becomes one port for all). With
+    `exclusive_check`, first make sure nothing else holds the port: SO_REUSEPORT would quietly share it with
+    another server of the same user, such as an old `duet serve` still draining."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    if exclusive_check and port:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+            probe.bind(address)  # OSError (address in use) if any socket holds it
+    hold = socket.socket(family, kind, proto)
+    hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    hold.bind(address)
+    return hold
 
 
 @dataclass
@@ -65,31 +89,32 @@ class Child:
     """One supervised process: how to start it, and the line on its stdout that says it is ready."""
 
     name: str
-    argv: list[str]
+    argv: list[str]  # after `duet` and its global flags
     ready: str
+    flags: list[str] = field(default_factory=list)  # `duet`'s own flags (-v), before the command
     proc: subprocess.Popen[str] | None = None
     ready_line: str = ""
     restarts: int = 0
     backoff_s: float = RESTART_BACKOFF_S[0]
     due: float = 0.0  # when a dead child may start again (time.monotonic)
-    started: float = field(default=0.0)
+    started: float = 0.0
 
     def start(self, env: dict[str, str], out: TextIO) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "duet.cli", *self.argv], stdout=subprocess.PIPE,
-                                     text=True, env=env)
+        self.proc = subprocess.Popen([sys.executable, "-m", "duet.cli", *self.flags, *self.argv],
+                                     stdout=subprocess.PIPE, text=True, env=env)
         self.started = time.monotonic()
         self.ready_line = ""
-        ready = threading.Event()
-        threading.Thread(target=self._relay, args=(self.proc, ready, out), daemon=True,
+        self._ready = threading.Event()
+        threading.Thread(target=self._relay, args=(self.proc, self._ready, out), daemon=True,
                          name=f"duet-{self.name}-stdout").start()
-        self._ready = ready
 
     def wait_ready(self, timeout_s: float) -> bool:
         return self._ready.wait(timeout_s) and bool(self.ready_line)
 
     def ended(self) -> bool:
-        """It ended before saying it was ready (its stdout closed without the ready line)."""
-        return self._ready.is_set() and not self.ready_line
+        """It ended before saying it was ready (exited, or its stdout closed without the ready line)."""
+        assert self.proc is not None
+        return not self.ready_line and (self.proc.poll() is not None or self._ready.is_set())
 
     def _relay(self, proc: subprocess.Popen[str], ready: threading.Event, out: TextIO) -> None:
         """Its stdout, read to the end (a full pipe would block it), shown as `name: line`; the ready line kept."""
@@ -105,24 +130,32 @@ class Child:
 class FrontEnds:
     """`duet engine` and N `duet serve` front ends on one address (see the module's docstring)."""
 
-    def __init__(self, config: DuetConfig, config_args: list[str], host: str, port: int,
-                 out: TextIO = sys.stdout) -> None:
-        self.config, self.config_args, self.host, self.out = config, config_args, host, out
-        self.port = port
+    def __init__(self, config: DuetConfig, config_args: list[str], host: str, port: int, *,
+                 flags: list[str] | None = None, out: TextIO = sys.stdout) -> None:
+        self.config, self.config_args, self.host, self.port, self.out = config, config_args, host, port, out
+        self.flags = flags or []
         # Set by the signal handler, so plain flags: a handler that took a lock (Event.set) could interrupt the
         # main thread inside that same lock and wait on it forever.
         self.stopping = False
         self.hurry = False  # a second signal: the front ends' drains are cut short too
         key = os.environ.get("DUET_LLM_API_KEY") or secrets.token_urlsafe(24)
         self.env = {**os.environ, "DUET_LLM_API_KEY": key, SUPERVISOR_ENV: str(os.getpid())}
-        self.engine = Child("engine", ["engine", "--host", "127.0.0.1", "--port", "0", *config_args],
-                            "serving engine")
         self.fronts: list[Child] = []
+        self._held: list[socket.socket] = []
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         try:
+            try:  # before the engine loads: a port in use fails now, not a minute from now
+                front_hold = _hold_port(self.host, self.port, exclusive_check=True)
+                engine_hold = _hold_port("127.0.0.1", 0, exclusive_check=False)
+            except OSError as exc:
+                log.error("cannot serve %s:%s: %s", self.host, self.port, exc)
+                return 1
+            self._held = [front_hold, engine_hold]
+            self.port = front_hold.getsockname()[1]
+            self.engine_url = f"http://127.0.0.1:{engine_hold.getsockname()[1]}/v1"
             if not self._start_all():
                 return 0 if self.stopping else 1
             print(f"{len(self.fronts)} front ends on port {self.port}, engine at {self.engine_url}", file=self.out)
@@ -133,6 +166,8 @@ class FrontEnds:
             return 0
         finally:
             self._stop()
+            for sock in self._held:
+                sock.close()
             print("stopped", file=self.out, flush=True)
 
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -150,29 +185,26 @@ class FrontEnds:
                     return False
         return True
 
+    def engine_child(self) -> Child:
+        engine_port = self.engine_url.rsplit(":", 1)[1].split("/")[0]
+        # It binds its port beside our held socket (SO_REUSEPORT), so a restart finds the port free.
+        return Child("engine", ["engine", "--host", "127.0.0.1", "--port", engine_port, *self.config_args,
+                                "--set", "server.reuse_port=true"], "serving engine", self.flags)
+
+    def front_child(self, k: int) -> Child:
+        sets = [x for s in front_end_sets(self.config, k, self.engine_url) for x in ("--set", s)]
+        return Child(f"front end {k}", ["serve", "--host", self.host, "--port", str(self.port), *self.config_args,
+                                        *sets], "listening on", self.flags)
+
     def _start_all(self) -> bool:
+        self.engine = self.engine_child()
         self.engine.start(self.env, self.out)
         if not self._ready([self.engine]):
             return False
-        # "serving engine NAME on http://127.0.0.1:PORT/v1": the port it took, fixed from here on (a restart
-        # takes the same one, so the front ends' llm.remote_url stays right).
-        self.engine_url = self.engine.ready_line.split()[-1]
-        engine_port = self.engine_url.rsplit(":", 1)[1].split("/")[0]
-        self.engine.argv[self.engine.argv.index("--port") + 1] = engine_port
-        # Port 0 means any free port, but each front end would take its own: hold one here, with SO_REUSEPORT
-        # like theirs, until they all listen on it.
-        with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as hold:
-            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            hold.bind((self.host, self.port))
-            self.port = hold.getsockname()[1]
-            for k in range(self.config.server.front_ends):
-                sets = [x for s in front_end_sets(self.config, k, self.engine_url) for x in ("--set", s)]
-                self.fronts.append(Child(f"front end {k}", ["serve", "--host", self.host, "--port",
-                                                            str(self.port), *self.config_args, *sets],
-                                         "listening on"))
-            for child in self.fronts:  # together: one after another, 8 took 6 minutes on the GPU machine
-                child.start(self.env, self.out)
-            return self._ready(self.fronts)
+        self.fronts = [self.front_child(k) for k in range(self.config.server.front_ends)]
+        for child in self.fronts:  # together: one after another, 8 took 6 minutes on the GPU machine
+            child.start(self.env, self.out)
+        return self._ready(self.fronts)
 
     def _restart_dead(self) -> None:
         now = time.monotonic()
@@ -193,16 +225,17 @@ class FrontEnds:
                 child.start(self.env, self.out)
 
     def _stop(self) -> None:
-        """The front ends first (each drains its sessions), then the engine they were using."""
+        """The front ends first (each drains its sessions; asked twice, it stops at once), then the engine."""
         grace = self.config.server.shutdown_grace_seconds + STOP_MARGIN_S
-        for group in (self.fronts, [self.engine]):
+        engine = [self.engine] if hasattr(self, "engine") else []
+        for group, passes_hurry in ((self.fronts, True), (engine, False)):
             live = [c.proc for c in group if c.proc is not None and c.proc.poll() is None]
             for proc in live:
                 proc.send_signal(STOP_SIGNAL)
-            hurried = self.hurry
+            hurried = not passes_hurry
             deadline = time.monotonic() + grace
             while any(proc.poll() is None for proc in live) and time.monotonic() < deadline:
-                if self.hurry and not hurried:  # asked twice: pass it on, as a second signal to `duet serve`
+                if self.hurry and not hurried:  # a second signal, however early: a second one to each front end
                     hurried = True
                     for proc in live:
                         if proc.poll() is None:
@@ -228,7 +261,14 @@ def stop_signals() -> tuple[signal.Signals, ...]:
         return (signal.SIGTERM, signal.SIGINT)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    # Until the event loop takes it over: a stop while the models load unwinds (the `finally`s close what loaded)
+    # rather than SIGUSR1's default, which ends the process on the spot.
+    signal.signal(STOP_SIGNAL, _exit_while_loading)
     return (STOP_SIGNAL,)
+
+
+def _exit_while_loading(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 async def watch_supervisor(stop: Callable[[], None], interval_s: float = 1.0) -> None:

@@ -186,13 +186,14 @@ def _error(status: int, message: str) -> web.Response:
                              status=status)
 
 
-async def serve(server: EngineServer, host: str, port: int) -> web.AppRunner:
+async def serve(server: EngineServer, host: str, port: int, reuse_port: bool = False) -> web.AppRunner:
     """Listen; returns the runner (`await runner.cleanup()` stops it). A client that goes away cancels its
-    handler, which cancels its sequence in the engine."""
+    handler, which cancels its sequence in the engine. `reuse_port`: bind beside a supervisor's socket holding
+    the port (duet/front_ends.py)."""
     # A short shutdown: streams still open at stop are cut after 5 s (their clients see the stream end and fail
     # that response), not the 60 s aiohttp would wait while the engine goes on generating for them.
     runner = web.AppRunner(server.app, handle_signals=False, handler_cancellation=True, shutdown_timeout=5.0)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
     log.info("engine server: %s at http://%s:%d/v1", server.model, host, port)
     return runner
