@@ -174,8 +174,11 @@ async def test_two_front_ends_share_one_port_restart_and_stop(tmp_path: Path, sp
         # A front end that dies is started again; the port keeps answering meanwhile (the other listens on it).
         victim = next(pid for pid, cmd in children.items() if cmd == "serve")
         os.kill(victim, signal.SIGKILL)
-        while Path(f"/proc/{victim}/cmdline").exists() and Path(f"/proc/{victim}/cmdline").read_bytes():
-            await asyncio.sleep(0.05)  # until it is gone: a connection dealt to it as it dies would be reset
+        # Until the supervisor has reaped it: a connection dealt to it as it dies is reset, and neither an empty
+        # /proc/PID/cmdline nor a zombie main thread means its sockets are closed (its other threads may still be
+        # exiting, holding the files).
+        while Path(f"/proc/{victim}").exists():
+            await asyncio.sleep(0.05)
         async with connect(url, open_timeout=30) as ws:
             assert json.loads(await ws.recv())["type"] == "session.created"
         deadline = time.monotonic() + 240
