@@ -25,7 +25,6 @@ def _serve(args: argparse.Namespace) -> int:
     from duet.front_ends import FrontEnds, stop_signals
 
     stop_signals()  # a supervised front end stops only on its supervisor's signal, from before the models load
-    from realtime.runtime import Runtime
     from realtime.transports.auth import Authenticator, server_ssl_context
 
     tls = [f"server.{name}={json.dumps(path)}" for name, path in (("tls_cert_file", args.tls_cert),
@@ -42,6 +41,8 @@ def _serve(args: argparse.Namespace) -> int:
     if config.server.front_ends:  # the process split: this process only starts and watches the others
         config_args = ["--config", args.config, *[x for s in sets for x in ("--set", s)]]
         return FrontEnds(config, config_args, host, port, flags=["-v"] if args.verbose else []).run()
+    from realtime.runtime import Runtime  # (torch and the models' libraries: not for the supervisor)
+
     print(f"loading models ({config.llm.model} on {config.llm.device}, whisper {config.asr.model}, "
           f"pacing {config.mind.mode})...", flush=True)
     runtime = Runtime.load(config)

@@ -94,7 +94,6 @@ class Child:
     flags: list[str] = field(default_factory=list)  # `duet`'s own flags (-v), before the command
     proc: subprocess.Popen[str] | None = None
     ready_line: str = ""
-    restarts: int = 0
     backoff_s: float = RESTART_BACKOFF_S[0]
     due: float = 0.0  # when a dead child may start again (time.monotonic)
     started: float = 0.0
@@ -140,6 +139,8 @@ class FrontEnds:
         self.hurry = False  # a second signal: the front ends' drains are cut short too
         key = os.environ.get("DUET_LLM_API_KEY") or secrets.token_urlsafe(24)
         self.env = {**os.environ, "DUET_LLM_API_KEY": key, SUPERVISOR_ENV: str(os.getpid())}
+        self.engine: Child | None = None
+        self.engine_port, self.engine_url = 0, ""  # taken in run()
         self.fronts: list[Child] = []
         self._held: list[socket.socket] = []
 
@@ -154,8 +155,8 @@ class FrontEnds:
                 log.error("cannot serve %s:%s: %s", self.host, self.port, exc)
                 return 1
             self._held = [front_hold, engine_hold]
-            self.port = front_hold.getsockname()[1]
-            self.engine_url = f"http://127.0.0.1:{engine_hold.getsockname()[1]}/v1"
+            self.port, self.engine_port = front_hold.getsockname()[1], engine_hold.getsockname()[1]
+            self.engine_url = f"http://127.0.0.1:{self.engine_port}/v1"
             if not self._start_all():
                 return 0 if self.stopping else 1
             print(f"{len(self.fronts)} front ends on port {self.port}, engine at {self.engine_url}", file=self.out)
@@ -186,9 +187,8 @@ class FrontEnds:
         return True
 
     def engine_child(self) -> Child:
-        engine_port = self.engine_url.rsplit(":", 1)[1].split("/")[0]
         # It binds its port beside our held socket (SO_REUSEPORT), so a restart finds the port free.
-        return Child("engine", ["engine", "--host", "127.0.0.1", "--port", engine_port, *self.config_args,
+        return Child("engine", ["engine", "--host", "127.0.0.1", "--port", str(self.engine_port), *self.config_args,
                                 "--set", "server.reuse_port=true"], "serving engine", self.flags)
 
     def front_child(self, k: int) -> Child:
@@ -197,9 +197,9 @@ class FrontEnds:
                                         *sets], "listening on", self.flags)
 
     def _start_all(self) -> bool:
-        self.engine = self.engine_child()
-        self.engine.start(self.env, self.out)
-        if not self._ready([self.engine]):
+        engine = self.engine = self.engine_child()
+        engine.start(self.env, self.out)
+        if not self._ready([engine]):
             return False
         self.fronts = [self.front_child(k) for k in range(self.config.server.front_ends)]
         for child in self.fronts:  # together: one after another, 8 took 6 minutes on the GPU machine
@@ -208,6 +208,7 @@ class FrontEnds:
 
     def _restart_dead(self) -> None:
         now = time.monotonic()
+        assert self.engine is not None
         for child in [self.engine, *self.fronts]:
             assert child.proc is not None
             if child.proc.poll() is None:
@@ -221,13 +222,12 @@ class FrontEnds:
                 child.backoff_s = min(RESTART_BACKOFF_S[1], child.backoff_s * 2)
             elif now >= child.due:
                 child.due = 0.0
-                child.restarts += 1
                 child.start(self.env, self.out)
 
     def _stop(self) -> None:
         """The front ends first (each drains its sessions; asked twice, it stops at once), then the engine."""
         grace = self.config.server.shutdown_grace_seconds + STOP_MARGIN_S
-        engine = [self.engine] if hasattr(self, "engine") else []
+        engine = [self.engine] if self.engine is not None else []
         for group, passes_hurry in ((self.fronts, True), (engine, False)):
             live = [c.proc for c in group if c.proc is not None and c.proc.poll() is None]
             for proc in live:

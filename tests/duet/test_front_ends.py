@@ -47,7 +47,7 @@ def test_children_parse_as_duet_commands_with_the_global_flags_first(tmp_path: P
     config = load_config(None, ["server.front_ends=2", 'mqtt.server_id="a \\"b\\""'])
     sup = front_ends.FrontEnds(config, ["--config", str(tmp_path / "x.toml"), "--set", "llm.max_slots=8"],
                                "127.0.0.1", 8765, flags=["-v"])
-    sup.engine_url = "http://127.0.0.1:41234/v1"
+    sup.engine_port, sup.engine_url = 41234, "http://127.0.0.1:41234/v1"
     for child in (sup.engine_child(), sup.front_child(1)):
         args = build_parser().parse_args([*child.flags, *child.argv])
         assert args.verbose and args.command == child.argv[0]
@@ -68,7 +68,7 @@ def test_a_port_in_use_fails_at_once_before_any_model_loads() -> None:
         finally:
             for sig, handler in saved.items():
                 signal.signal(sig, handler)
-    assert not hasattr(sup, "engine") and sup.fronts == []  # nothing was started
+    assert sup.engine is None and sup.fronts == []  # nothing was started
 
 
 def test_no_metrics_port_stays_none_and_a_negative_count_is_refused() -> None:

@@ -14,7 +14,15 @@ from common.config import TtsConfig
 from common.errors import EngineError
 from tts.vocoder import PiperVocoder
 
-CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
+CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()  # onnxruntime-gpu is installed...
+
+
+def _gpu() -> bool:  # ...and there is a GPU for it (onnxruntime-gpu lists its provider on any machine)
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 # Zero noise: the duration predictor and the flow are then deterministic, so two devices must agree.
 QUIET = TtsConfig(noise_scale=0.0, noise_w=0.0)
 IDS = [1, 0, 20, 0, 59, 0, 120, 0, 14, 0, 88, 0, 25, 0, 3, 0, 2]  # a short made-up phoneme sequence
@@ -40,7 +48,7 @@ def test_cuda_without_onnxruntime_gpu_says_what_to_install() -> None:
         PiperVocoder.from_voice_config(model, config, replace(QUIET, device="cuda"))
 
 
-@pytest.mark.skipif(not CUDA_EP, reason="needs onnxruntime-gpu's CUDA provider and a GPU")
+@pytest.mark.skipif(not (CUDA_EP and _gpu()), reason="needs onnxruntime-gpu's CUDA provider and a GPU")
 def test_cuda_speaks_as_the_cpu_does() -> None:
     model, config = _voice()
     cpu = PiperVocoder.from_voice_config(model, config, QUIET)(IDS)
