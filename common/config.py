@@ -194,9 +194,14 @@ class TtsConfig:
     noise_scale: float = 0.667
     noise_w: float = 0.8
     threads: int = 1  # onnxruntime intra-op threads per synthesis
-    # "cpu", or "cuda"/"cuda:N": Piper through onnxruntime's CUDA provider, which needs onnxruntime-gpu (a CUDA 13
-    # build, 1.31 or newer) installed in place of onnxruntime (docs/gpu.md). A clear error at start otherwise.
-    # Measured slower than 16 CPU threads at 128 sessions on the H200 machine (batch 1; docs/benchmarks.md 7f).
+    # Who runs Piper's HiFi-GAN decoder (~70% of its work): "onnx", the whole voice graph in onnxruntime, one
+    # chunk per call; or "torch": the graph up to the decoder in onnxruntime on the CPU, and the decoder in torch on
+    # `device`, one batch over every session's chunks at once (tts/hifigan.py, tts/batch_decoder.py): for a GPU.
+    decoder: Literal["onnx", "torch"] = "onnx"
+    # "cpu", or "cuda"/"cuda:N". decoder = "torch": the decoder on that torch device. decoder = "onnx": the whole
+    # graph through onnxruntime's CUDA provider, which needs onnxruntime-gpu (a CUDA 13 build, 1.31 or newer) in
+    # place of onnxruntime (docs/gpu.md), measured slower than 16 CPU threads at 128 sessions on the H200 machine
+    # (batch 1; docs/benchmarks.md 7f). A clear error at start when the device cannot be used.
     device: str = "cpu"
     # Replies synthesized at once (TTS pool threads sharing one re-entrant onnxruntime session); 0 = as many
     # as the cores hold at `threads` each, at most 4.

