@@ -235,6 +235,13 @@ class _RuntimeCollector(Collector):
         # Frames per batched Silero call: near 1 when idle, near the live sessions under load.
         yield CounterMetricFamily("duet_vad_rounds", "Batched VAD model calls", value=rt.vad_batcher.rounds)
         yield CounterMetricFamily("duet_vad_frames", "32 ms frames run through the VAD", value=rt.vad_batcher.rows)
+        # tts.decoder = "torch": chunks per decoder call, near 1 when idle, growing with the sessions speaking.
+        decoder = getattr(getattr(rt.synthesizer, "vocoder", None), "batch_decoder", None)
+        if decoder is not None:
+            yield CounterMetricFamily("duet_tts_decoder_batches", "Batched TTS decoder calls (tts.decoder = torch)",
+                                      value=decoder.batches)
+            yield CounterMetricFamily("duet_tts_decoder_chunks", "Reply chunks decoded in those calls",
+                                      value=decoder.items)
         # The event loop only routes events; these say whether it keeps up (realtime/runtime.py LoopMonitor).
         loop = getattr(rt, "loop_monitor", None)
         if loop is not None:

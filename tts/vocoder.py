@@ -116,6 +116,11 @@ class PiperVocoder:
             out = self._batch.decode(np.asarray(out[0], dtype=np.float32))
         return _level(np.asarray(out, dtype=np.float32).reshape(-1))
 
+    @property
+    def batch_decoder(self) -> BatchDecoder | None:
+        """The decoder every session's chunks share (tts.decoder = "torch"), else None; /metrics reads it."""
+        return self._batch
+
     def close(self) -> None:
         """Stop the batch decoder's thread, if any (the onnxruntime session needs nothing)."""
         if self._batch is not None:
