@@ -147,6 +147,9 @@ class FakeBackend:
     def allow(self, n: int) -> None:
         with self._cond:
             self._allowed = (self._allowed or 0) + n
+            # A forward waiting at the gate now may pass, but `blocked` stays true until its thread wakes: a
+            # `wait_blocked` right after would return at once, before the allowed forwards ran.
+            self.blocked = self.blocked and n <= 0
             self._cond.notify_all()
 
     def resume(self) -> None:

@@ -470,11 +470,15 @@ async def test_a_failed_step_fails_only_the_sequences_it_ran(make_engine: MakeEn
     # One decode row a step: the failing forward carries one of the two sequences; the other goes on.
     engine, backend = make_engine(FakeBackend(slots=4), cfg=replace(DEFAULT_CFG, max_batch=1), start=False)
     backend.pause()
-    engine.start()
+    # Both queued before the engine thread starts, so its first step admits both (after the start, the thread could
+    # plan on the first alone, and a later forward carry a row of each).
     a = engine.submit(req([1, 2, 3], max_new=6))
     b = engine.submit(req([4, 5], max_new=6))
-    backend.allow(2)  # step 1: both prefills, one decode row
-    assert await asyncio.to_thread(backend.wait_blocked)
+    engine.start()
+    # Step 1 (both prefills, one decode row), then wait until step 2's forward is at the gate. Not allow + wait_blocked:
+    # the first forward may already wait at the gate, so `blocked` is still true from it, the failure was armed for
+    # the prefill of both, and both failed (CI, once).
+    assert await asyncio.to_thread(backend.step, 2)
     backend.fail_next = RuntimeError("one row broke")
     backend.resume()
     results = await asyncio.gather(collect(a), collect(b), return_exceptions=True)
