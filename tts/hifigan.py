@@ -83,6 +83,11 @@ class HifiGan:
             [(f"resblocks.{k}.convs1.{j}", f"resblocks.{k}.convs2.{j}") if f"resblocks.{k}.convs1.0" in convs
              else (f"resblocks.{k}.convs.{j}",) for j in range(_count(convs, rf"resblocks\.{k}\.convs1?\.(\d+)$"))]
             for k in range(blocks)]
+        for i in range(self._ups):  # each upsampling gives exactly `stride` samples a frame: trimming relies on it
+            up = convs[f"ups.{i}"]
+            if up.weight.shape[-1] - 2 * up.padding != up.stride:
+                raise EngineError(f"Piper decoder: ups.{i} (kernel {up.weight.shape[-1]}, stride {up.stride}, "
+                                  f"padding {up.padding}) does not upsample by exactly its stride")
         self.hop = int(np.prod([convs[f"ups.{i}"].stride for i in range(self._ups)]))
         self.channels = int(convs["conv_pre"].weight.shape[1])
 
@@ -100,6 +105,9 @@ class HifiGan:
                 raise EngineError(f"Piper decoder: {node.name} has padding {pads} / groups, not a VITS decoder's")
             name = node.input[1][len(_PREFIX):].removesuffix(".weight")
             bias = node.input[2] if len(node.input) > 2 else None
+            if node.input[1] not in weights or (bias is not None and bias not in weights):
+                # e.g. weight norm left in the export: the weight is computed in the graph, not stored
+                raise EngineError(f"Piper decoder: {node.name}'s weights are not stored tensors of the graph")
             convs[name] = _Conv(
                 weight=_tensor(weights[node.input[1]]),
                 bias=None if bias is None else _tensor(weights[bias]),
