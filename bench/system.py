@@ -401,6 +401,7 @@ COLUMNS = [("mode", "mode"), ("sessions", "sessions"), ("front_ends", "front end
            ("event_loop_lag_peak_ms", "server lag peak"), ("gc_full_collections", "full GCs"),
            ("gc_full_pause_ms", "full GC ms"), ("asr_partial_passes", "ASR partials"),
            ("asr_speculative_passes", "ASR speculative"), ("prefetches_started", "replies on guesses"),
+           ("tts_decoder_busy_share", "TTS decoder busy"), ("tts_chunks_per_decode", "chunks/decode"),
            ("client_procs", "client procs"),
            ("client_cpu_cores", "client CPU cores"),
            ("client_loop_lag", "client lag p95/max"), ("client_chunk_late", "chunk late p95/max")]

@@ -75,7 +75,15 @@ def level_deltas(before: dict[str, float], after: dict[str, float], wall_s: floa
             # The optional work the sessions added: Whisper passes by why, and replies started on guesses.
             **{f"asr_{kind}_passes": delta(f'duet_asr_passes_total{{kind="{kind}"}}')
                for kind in ("final", "speculative", "partial")},
-            "prefetches_started": delta("duet_prefetches_started_total")}
+            "prefetches_started": delta("duet_prefetches_started_total"),
+            # tts.decoder = "torch": the decoder threads' busy share (summed over front ends) and chunks per batch.
+            "tts_decoder_busy_share": rate("duet_tts_decoder_busy_seconds_total"),
+            "tts_chunks_per_decode": _ratio(delta("duet_tts_decoder_chunks_total"),
+                                            delta("duet_tts_decoder_batches_total"))}
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or not den else round(num / den, 2)
 
 
 def poll_queues(servers: Servers, peaks: dict[str, float], stop: threading.Event) -> None:

@@ -242,6 +242,8 @@ class _RuntimeCollector(Collector):
                                       value=decoder.batches)
             yield CounterMetricFamily("duet_tts_decoder_chunks", "Reply chunks decoded in those calls",
                                       value=decoder.items)
+            yield CounterMetricFamily("duet_tts_decoder_busy_seconds", "Wall time the TTS decoder's thread spent "
+                                      "in those calls; its rate is the thread's busy share", value=decoder.busy_seconds)
         # The event loop only routes events; these say whether it keeps up (realtime/runtime.py LoopMonitor).
         loop = getattr(rt, "loop_monitor", None)
         if loop is not None:

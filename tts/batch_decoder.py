@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from contextlib import nullcontext
 
@@ -28,8 +29,9 @@ MAX_BATCH_FRAMES = 3800
 class BatchDecoder:
     def __init__(self, decoder: HifiGan, *, max_batch_frames: int = MAX_BATCH_FRAMES) -> None:
         self.decoder = decoder
-        self.batches = 0  # decoder calls and items decoded: how well the load batched (tests, logs)
+        self.batches = 0  # decoder calls and items decoded: how well the load batched (/metrics)
         self.items = 0
+        self.busy_seconds = 0.0  # wall time in decoder calls, host copies included: its rate is the thread's load
         self._max_frames = max_batch_frames
         self._pending: list[tuple[np.ndarray, Future[np.ndarray]]] = []
         self._ready = threading.Condition()
@@ -63,6 +65,7 @@ class BatchDecoder:
                 if self._closed and not self._pending:
                     return
                 batch = self._take()
+            started = time.perf_counter()
             try:
                 audio = self._decode(batch)
             except Exception as exc:  # e.g. CUDA out of memory: these chunks fail, the next batch is tried anew
@@ -70,6 +73,8 @@ class BatchDecoder:
                 for _, done in batch:
                     done.set_exception(exc)
                 continue
+            finally:
+                self.busy_seconds += time.perf_counter() - started
             for (_, done), wav in zip(batch, audio, strict=True):
                 done.set_result(wav)
 

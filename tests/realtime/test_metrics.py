@@ -126,11 +126,12 @@ async def test_the_tts_decoders_batches_are_counted_when_there_is_one() -> None:
     rt = fake_runtime()
     m = metrics.attach(rt)
     assert not any(name.startswith("duet_tts_decoder") for name, _ in scrape(m))  # tts.decoder = "onnx": none
-    batcher = SimpleNamespace(batches=3, items=7)
+    batcher = SimpleNamespace(batches=3, items=7, busy_seconds=0.25)
     rt.synthesizer = SimpleNamespace(vocoder=SimpleNamespace(batch_decoder=batcher))  # type: ignore[assignment]
     got = scrape(m)
     assert got[("duet_tts_decoder_batches_total", ())] == 3
     assert got[("duet_tts_decoder_chunks_total", ())] == 7
+    assert got[("duet_tts_decoder_busy_seconds_total", ())] == 0.25
 
 
 def _req(prompt: list[int]) -> object:
