@@ -145,12 +145,16 @@ class _Mask:
     def __init__(self, frames: torch.Tensor, longest: int) -> None:
         self._frames = frames
         self._padded = bool((frames < longest).any())  # one item, or all of one length: nothing to zero
+        self._keep: dict[int, torch.Tensor] = {}  # by rate: built once per call, each a few kernel launches
 
     def __call__(self, x: torch.Tensor, rate: int) -> torch.Tensor:
         if not self._padded:
             return x
-        keep = torch.arange(x.shape[-1], device=x.device)[None, :] < (self._frames * rate)[:, None]
-        return x * keep[:, None, :].to(x.dtype)
+        keep = self._keep.get(rate)
+        if keep is None:
+            keep = torch.arange(x.shape[-1], device=x.device)[None, :] < (self._frames * rate)[:, None]
+            keep = self._keep[rate] = keep[:, None, :].to(x.dtype)
+        return x * keep
 
 
 def split_piper(model_path: str | Path, device: str) -> PiperParts:
