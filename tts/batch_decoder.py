@@ -79,7 +79,7 @@ class BatchDecoder:
                 done.set_result(wav)
 
     def _take(self) -> list[tuple[np.ndarray, Future[np.ndarray]]]:
-        """The oldest pending chunks whose padded batch fits MAX_BATCH_FRAMES (at least one). Caller holds the lock."""
+        """The oldest pending chunks whose padded batch fits the frame cap (at least one). Caller holds the lock."""
         count, longest = 0, 0
         for latent, _ in self._pending:
             longest = max(longest, latent.shape[-1])

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
 from common.errors import EngineError
+from common.torch_device import torch_device
 
 # VITS's generator: LeakyReLU 0.1 inside, then PyTorch's default 0.01 before the last convolution (Piper's
 # vits/models.py Generator; the equality test against the whole ONNX graph holds us to it).
@@ -89,7 +90,6 @@ class HifiGan:
                 raise EngineError(f"Piper decoder: ups.{i} (kernel {up.weight.shape[-1]}, stride {up.stride}, "
                                   f"padding {up.padding}) does not upsample by exactly its stride")
         self.hop = int(np.prod([convs[f"ups.{i}"].stride for i in range(self._ups)]))
-        self.channels = int(convs["conv_pre"].weight.shape[1])
 
     @classmethod
     def from_onnx(cls, model: onnx.ModelProto, device: torch.device) -> HifiGan:
@@ -163,23 +163,12 @@ def split_piper(model_path: str | Path, device: str) -> PiperParts:
     pre = [n for n in model.graph.node if n.op_type == "Conv" and n.input[1] == f"{_PREFIX}conv_pre.weight"]
     if len(pre) != 1:
         raise EngineError(f"{model_path}: no Piper decoder input (dec.conv_pre) to cut the graph at")
-    inputs = [i.name for i in model.graph.input if i.name not in {init.name for init in model.graph.initializer}]
+    stored = {init.name for init in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in stored]
     # The decoder's input is the flow's output times the frame mask: zero past the last frame, as batching needs.
     front = onnx.utils.Extractor(model).extract_model(inputs, [pre[0].input[0]])
-    return PiperParts(front=front.SerializeToString(), decoder=HifiGan.from_onnx(model, torch_device(device)))
-
-
-def torch_device(device: str) -> torch.device:
-    """`tts.device` as a torch device, or EngineError saying why it cannot be used."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise EngineError(f'tts.device = {device!r}: the torch decoder runs on "cpu" or "cuda[:N]"') from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError(f"tts.device = {device!r}: this torch ({torch.__version__}) sees no CUDA GPU")
-    if dev.type not in ("cpu", "cuda"):
-        raise EngineError(f'tts.device = {device!r}: the torch decoder runs on "cpu" or "cuda[:N]"')
-    return dev
+    decoder = HifiGan.from_onnx(model, torch_device("tts.device", device, 'tts.decoder = "torch"'))
+    return PiperParts(front=front.SerializeToString(), decoder=decoder)
 
 
 def _tensor(init: onnx.TensorProto) -> torch.Tensor:

@@ -47,6 +47,7 @@ import torch
 from common.audio import SPEECH_RATE, whisper_input
 from common.config import AsrConfig
 from common.errors import EngineError
+from common.torch_device import torch_device
 from realtime.speech_in.whisper_decoder import MAX_LENGTH, Hypothesis, WhisperDecoder, bucket
 from realtime.speech_in.whisper_features import N_FFT, N_FRAMES, LogMel, prepare_signal
 
@@ -99,22 +100,7 @@ _Decoded = tuple[Hypothesis, float, float, str]  # a window's hypothesis, avg lo
 
 def resolve_device(cfg: AsrConfig) -> tuple[torch.device, torch.dtype]:
     """The torch device and float type for `cfg`, or EngineError saying why the device cannot be used."""
-    try:
-        device = torch.device(cfg.device)
-    except (RuntimeError, ValueError) as exc:
-        raise EngineError(f"asr.device = {cfg.device!r} is not a torch device ({exc}); with asr.engine = \"torch\" "
-                          "use \"cpu\", \"cuda\" or \"cuda:N\"") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = ("this torch is built without CUDA" if torch.version.cuda is None
-                   else f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU")
-            raise EngineError(f"asr.device = {cfg.device!r} cannot be used by asr.engine = \"torch\": {why}. "
-                              "Fix: set asr.device = \"cpu\" (e.g. --set asr.device=cpu), or run where "
-                              "torch.cuda.is_available() is true.")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise EngineError(f"asr.device = {cfg.device!r}: there are only {torch.cuda.device_count()} GPU(s)")
-    elif device.type != "cpu":
-        raise EngineError(f"asr.device = {cfg.device!r}: asr.engine = \"torch\" runs on \"cpu\" or \"cuda\"")
+    device = torch_device("asr.device", cfg.device, 'asr.engine = "torch"')
     if cfg.compute_type in _FLOAT_TYPES:
         dtype = getattr(torch, cfg.compute_type)
     elif cfg.compute_type in _DEVICE_DEFAULT_TYPES:

@@ -77,17 +77,22 @@ def test_an_item_decodes_the_same_alone_and_in_a_padded_batch(parts: PiperParts)
     assert hop == 256 and together.shape == (3, max(frames) * hop)
     for row, wav in enumerate(alone):
         assert wav.shape == (frames[row] * hop,)
-        # Padding that leaked through any layer would change the item's last ~100 ms by far more than this.
-        assert float(np.max(np.abs(together[row, : wav.size] - wav))) < 1e-5
+        # Rounding between batch shapes: ~1e-6 on the 2-core EPYC. Padding leaking through the layers (no masks):
+        # 1.3e-4. The bound sits between, with room for another CPU's kernels.
+        assert float(np.max(np.abs(together[row, : wav.size] - wav))) < 3e-5
 
 
-def test_the_batch_decoder_joins_concurrent_chunks(torch_vocoder: PiperVocoder) -> None:
+def test_concurrent_chunks_each_get_their_own_audio(torch_vocoder: PiperVocoder) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     sequences = [SHORT, MIDDLE, LONG] * 4
     alone = [torch_vocoder(ids) for ids in sequences[:3]]
+    decoder = torch_vocoder.batch_decoder
+    assert decoder is not None
+    items_before = decoder.items
     with ThreadPoolExecutor(len(sequences)) as pool:
         together = list(pool.map(torch_vocoder, sequences))
+    assert decoder.items - items_before == len(sequences)  # every chunk went through the one shared decoder
     for k, wav in enumerate(together):
         assert wav.shape == alone[k % 3].shape
         assert float(np.max(np.abs(wav - alone[k % 3]))) < 1e-4
@@ -95,10 +100,12 @@ def test_the_batch_decoder_joins_concurrent_chunks(torch_vocoder: PiperVocoder) 
 
 def test_a_torch_device_that_cannot_be_used_is_refused_by_name() -> None:
     model, config = _voice()
-    with pytest.raises(EngineError, match=r"""'tpu'.*"cpu" or "cuda"""):
+    with pytest.raises(EngineError, match=r"""tts\.device = 'tpu' is not a torch device.*"cpu", "cuda"""):
         PiperVocoder.from_voice_config(model, config, replace(QUIET, decoder="torch", device="tpu"))
+    with pytest.raises(EngineError, match=r"""tts\.device = 'xla': .* runs on "cpu" or "cuda"""):
+        PiperVocoder.from_voice_config(model, config, replace(QUIET, decoder="torch", device="xla"))
     if not torch.cuda.is_available():
-        with pytest.raises(EngineError, match="sees no CUDA GPU"):
+        with pytest.raises(EngineError, match=r"tts\.device = 'cuda' cannot be used .* set tts\.device = \"cpu\""):
             PiperVocoder.from_voice_config(model, config, replace(QUIET, decoder="torch", device="cuda"))
 
 
